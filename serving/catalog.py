@@ -1,0 +1,153 @@
+"""The model catalog: which models a process serves, from a TOML file.
+
+A catalog file holds one ``[[models]]`` table per model::
+
+    [[models]]
+    name = "demo-chat"
+    source = "{data_dir}/models/demo-chat"   # a local path, or a hub id already in the cache
+    kind = "chat"                             # or "embedding"
+    aliases = ["demo"]
+
+    [models.engine]
+    max_model_len = 2048
+    dtype = "float32"
+    kv_cache_gb = 1.0
+
+``{data_dir}`` stands for Tollgate's data directory; other relative paths are taken relative
+to the catalog file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "Catalog",
+    "CatalogError",
+    "EngineOptions",
+    "ModelSpec",
+    "default_catalog_path",
+    "load_catalog",
+]
+
+ModelKind = Literal["chat", "embedding"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]{0,127}$")
+
+
+class CatalogError(ValueError):
+    """The catalog file is malformed or names something that is not there."""
+
+
+class EngineOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Engine arguments of one model; what is not set keeps vLLM's default."""
+
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    #: KV cache budget in GiB (CPU: host memory; GPU: device memory for the cache).
+    kv_cache_gb: float | None = None
+    #: Fraction of GPU memory the engine may take; ignored on CPU.
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    #: Unset: on for generation models, off for embedding models (encoders cannot share).
+    enable_prefix_caching: bool | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    #: Further ``AsyncEngineArgs`` fields passed through unchanged.
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One catalog entry."""
+
+    name: str
+    source: str
+    kind: ModelKind = "chat"
+    aliases: tuple[str, ...] = ()
+    engine: EngineOptions = msgspec.field(default_factory=EngineOptions)
+    #: Filled in by :func:`load_catalog`: an absolute path, or the hub id as written.
+    resolved_source: str = ""
+
+
+class _CatalogFile(msgspec.Struct, forbid_unknown_fields=True):
+    models: list[ModelSpec]
+
+
+class Catalog:
+    """The models of one process, looked up by name or alias."""
+
+    def __init__(self, models: list[ModelSpec]) -> None:
+        self.models = tuple(models)
+        self._by_name: dict[str, ModelSpec] = {}
+        for spec in models:
+            for name in (spec.name, *spec.aliases):
+                if name in self._by_name:
+                    raise CatalogError(f"model name or alias {name!r} is used twice")
+                self._by_name[name] = spec
+
+    def get(self, name: str) -> ModelSpec | None:
+        """The entry called ``name`` (or aliased so), if any."""
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Any:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+def default_catalog_path() -> Path:
+    """The demo catalog shipped with the package."""
+    return Path(str(resources.files("serving.demo").joinpath("catalog.toml")))
+
+
+def _resolve_source(spec: ModelSpec, catalog_dir: Path, data_dir: Path) -> str:
+    raw = spec.source.replace("{data_dir}", str(data_dir.resolve()))
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        if _HUB_ID.match(raw) and not (catalog_dir / path).exists():
+            return raw  # a hub id; loaded from the local cache only, never downloaded
+        path = catalog_dir / path
+    if not path.exists():
+        raise CatalogError(
+            f"model {spec.name!r}: source {spec.source!r} does not exist (looked at {path}); "
+            "for the demo models run `tollgate models prepare`"
+        )
+    if not (path / "config.json").is_file():
+        raise CatalogError(f"model {spec.name!r}: {path} has no config.json")
+    return str(path.resolve())
+
+
+def load_catalog(path: Path, data_dir: Path) -> Catalog:
+    """Read and check a catalog file; every local source must exist.
+
+    Raises:
+        CatalogError: naming the entry that is wrong.
+    """
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CatalogError(f"models file {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"models file {path}: {exc}") from exc
+    try:
+        parsed = msgspec.convert(raw, _CatalogFile)
+    except msgspec.ValidationError as exc:
+        raise CatalogError(f"models file {path}: {exc}") from exc
+    if not parsed.models:
+        raise CatalogError(f"models file {path} lists no models")
+    models = []
+    for spec in parsed.models:
+        for name in (spec.name, *spec.aliases):
+            if not _NAME.match(name):
+                raise CatalogError(f"model {spec.name!r}: {name!r} is not a valid model name")
+        resolved = _resolve_source(spec, path.parent, data_dir)
+        models.append(msgspec.structs.replace(spec, resolved_source=resolved))
+    return Catalog(models)

@@ -1,0 +1,193 @@
+"""What the serving layer offers: engines that generate text or embed it.
+
+The interface knows models, prompts, sampling and batches; it knows nothing of tenants,
+money or HTTP. :mod:`serving.vllm_engine` implements it on vLLM.
+
+Exceptions::
+
+    ServingError                 base of everything raised here
+    ├── EngineNotReady           the engine is starting or stopped; retry later
+    ├── EngineDead               the engine process died; not recoverable in this process
+    └── InvalidPrompt            the request cannot be served as given (caller's fault)
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+import msgspec
+
+from serving.catalog import ModelSpec
+
+__all__ = [
+    "ChoiceDelta",
+    "EmbeddingBatch",
+    "EmbeddingEngine",
+    "EngineDead",
+    "EngineNotReady",
+    "EngineStats",
+    "GenerationChunk",
+    "GenerationEngine",
+    "InvalidPrompt",
+    "ModelEngine",
+    "SamplingOptions",
+    "ServingError",
+    "TokenLogprob",
+    "TopLogprob",
+]
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class ServingError(Exception):
+    """Base class of the serving layer's errors."""
+
+
+class EngineNotReady(ServingError):
+    """The engine is starting or shutting down; the same request may succeed later."""
+
+
+class EngineDead(ServingError):
+    """The engine process died; requests fail until the process is restarted."""
+
+
+class InvalidPrompt(ServingError):
+    """The prompt or its options cannot be served; sending it again will not help."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class SamplingOptions(msgspec.Struct, frozen=True):
+    """Sampling knobs, named as the OpenAI API names them."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: Number of alternatives to report per token; ``None`` asks for no logprobs at all.
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+
+class TopLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    top: list[TopLogprob]
+
+
+class ChoiceDelta(msgspec.Struct):
+    """New output of one choice since the previous chunk (or all of it, when not streaming)."""
+
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class GenerationChunk(msgspec.Struct):
+    choices: list[ChoiceDelta]
+    prompt_tokens: int
+    cached_tokens: int
+    finished: bool
+
+
+class EmbeddingBatch(msgspec.Struct):
+    #: One float32 vector per input, as raw little-endian bytes (cheap to encode either way).
+    vectors: list[bytes]
+    dimensions: int
+    prompt_tokens: int
+
+
+class EngineStats(msgspec.Struct):
+    """What the engine's scheduler last reported, plus high-water marks since start."""
+
+    ready: bool = False
+    running: int = 0
+    waiting: int = 0
+    peak_running: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    requests_finished: int = 0
+
+
+class ModelEngine(abc.ABC):
+    """One model served by one engine."""
+
+    spec: ModelSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the engine; returns when it can take requests."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine and its processes."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Current scheduler figures; cheap enough to call per request."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Context length: prompt plus output tokens."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model sees it, without special tokens."""
+
+
+class GenerationEngine(ModelEngine):
+    """A model that continues prompts."""
+
+    @abc.abstractmethod
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Apply the model's chat template to ``(role, content)`` pairs and tokenize."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompt: list[int],
+        options: SamplingOptions,
+        request_id: str,
+        *,
+        stream: bool,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Generate from token ids.
+
+        With ``stream`` each chunk carries what is new; without it one chunk carries all.
+        Closing the iterator early aborts the request in the engine.
+
+        Raises:
+            InvalidPrompt: at once, before anything is iterated, when the prompt or the
+                options cannot be served.
+            EngineNotReady, EngineDead: at once, when the engine cannot take requests.
+        """
+
+
+class EmbeddingEngine(ModelEngine):
+    """A model that maps texts to vectors."""
+
+    @abc.abstractmethod
+    async def embed(self, inputs: Sequence[list[int]], request_id: str) -> EmbeddingBatch:
+        """Embed each token sequence; all of them are batched together by the engine."""

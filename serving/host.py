@@ -1,0 +1,79 @@
+"""Every engine of one process: started together, looked up by model name, stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from serving.catalog import Catalog, ModelSpec
+from serving.engine import EmbeddingEngine, EngineStats, GenerationEngine, ModelEngine
+
+__all__ = ["EngineHost", "make_engine"]
+
+logger = logging.getLogger(__name__)
+
+
+def make_engine(spec: ModelSpec) -> ModelEngine:
+    """The engine implementation for one catalog entry."""
+    from serving.vllm_engine import VllmEmbeddingEngine, VllmGenerationEngine
+
+    if spec.kind == "embedding":
+        return VllmEmbeddingEngine(spec)
+    return VllmGenerationEngine(spec)
+
+
+class EngineHost:
+    """The co-located engines of one process, sharing its event loop."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self._engines: dict[str, ModelEngine] = {spec.name: make_engine(spec) for spec in catalog}
+
+    async def start(self) -> None:
+        """Start every engine side by side; if one fails, stop the others and raise."""
+        from serving.vllm_engine import configure_cpu_binding
+
+        configure_cpu_binding()
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(self._start_one(engine) for engine in self._engines.values()),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.shutdown()
+            raise failures[0]
+        logger.info(
+            "started %d engine(s) in %.1f s", len(self._engines), time.perf_counter() - started
+        )
+
+    async def _start_one(self, engine: ModelEngine) -> None:
+        began = time.perf_counter()
+        await engine.start()
+        logger.info("engine %s ready in %.1f s", engine.name, time.perf_counter() - began)
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(
+            *(engine.shutdown() for engine in self._engines.values()), return_exceptions=True
+        )
+
+    def get(self, model: str) -> ModelEngine | None:
+        """The engine serving ``model`` (a name or an alias)."""
+        spec = self.catalog.get(model)
+        return self._engines[spec.name] if spec is not None else None
+
+    def generation(self, model: str) -> GenerationEngine | None:
+        engine = self.get(model)
+        return engine if isinstance(engine, GenerationEngine) else None
+
+    def embedding(self, model: str) -> EmbeddingEngine | None:
+        engine = self.get(model)
+        return engine if isinstance(engine, EmbeddingEngine) else None
+
+    def stats(self) -> dict[str, EngineStats]:
+        return {name: engine.stats() for name, engine in self._engines.items()}
+
+    @property
+    def ready(self) -> bool:
+        return all(s.ready for s in self.stats().values())

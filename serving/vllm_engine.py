@@ -1,0 +1,319 @@
+"""The serving interface on vLLM's v1 ``AsyncLLM``: generation and pooling (embedding) engines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from serving.catalog import ModelSpec
+from serving.engine import (
+    ChoiceDelta,
+    EmbeddingBatch,
+    EmbeddingEngine,
+    EngineDead,
+    EngineNotReady,
+    EngineStats,
+    GenerationChunk,
+    GenerationEngine,
+    InvalidPrompt,
+    ModelEngine,
+    SamplingOptions,
+    TokenLogprob,
+    TopLogprob,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+__all__ = ["VllmEmbeddingEngine", "VllmGenerationEngine", "configure_cpu_binding"]
+
+logger = logging.getLogger(__name__)
+_GIB = 1 << 30
+
+
+def configure_cpu_binding() -> None:
+    """On a CPU host, keep core 0 for the event loop and bind vLLM's OpenMP threads to the rest.
+
+    Settings already present in the environment win. Call before the first engine starts.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from disk, never the network
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core_list(cores[1:]))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+
+
+def _core_list(cores: list[int]) -> str:
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+    return ",".join(map(str, cores))
+
+
+def _make_stat_logger(stats: EngineStats) -> Any:
+    """A vLLM stat logger factory that copies the scheduler's figures into ``stats``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Recorder(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                stats.running = scheduler_stats.num_running_reqs
+                stats.waiting = scheduler_stats.num_waiting_reqs
+                stats.peak_running = max(stats.peak_running, stats.running)
+                stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+                prefix = scheduler_stats.prefix_cache_stats
+                stats.prefix_cache_queries += prefix.queries
+                stats.prefix_cache_hits += prefix.hits
+            if iteration_stats is not None:
+                stats.requests_finished += len(iteration_stats.finished_requests)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Recorder
+
+
+class _VllmEngine(ModelEngine):
+    _runner = "generate"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._stats = EngineStats()
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._max_model_len = 0
+        self._vocab_size = 0
+
+    def _engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        opts = self.spec.engine
+        kwargs: dict[str, Any] = {
+            "model": self.spec.resolved_source,
+            "served_model_name": [self.spec.name],
+            "runner": self._runner,
+            "dtype": opts.dtype,
+            "seed": opts.seed,
+            "enable_prefix_caching": (
+                opts.enable_prefix_caching
+                if opts.enable_prefix_caching is not None
+                else self._runner == "generate"
+            ),
+            "tensor_parallel_size": opts.tensor_parallel_size,
+            "disable_log_stats": True,  # our recorder is the only stat logger
+            "enable_log_requests": False,  # request logs would carry prompts
+        }
+        for key in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if (value := getattr(opts, key)) is not None:
+                kwargs[key] = value
+        if opts.kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gb * _GIB)
+        if opts.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        kwargs.update(opts.extra)
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self._engine_args()
+        factory = _make_stat_logger(self._stats)
+        # The constructor blocks until the engine core process is up; run it in a thread
+        # so several engines start side by side and the event loop stays responsive.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[factory])
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self._max_model_len = llm.model_config.max_model_len
+        self._vocab_size = llm.model_config.get_vocab_size()
+        self._stats.ready = True
+
+    async def shutdown(self) -> None:
+        self._stats.ready = False
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+
+    def stats(self) -> EngineStats:
+        if self._llm is not None and self._llm.errored:
+            self._stats.ready = False
+        return self._stats
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._require()[1].encode(text, add_special_tokens=False))
+
+    def _require(self) -> tuple[AsyncLLM, Any]:
+        llm = self._llm
+        if llm is None:
+            raise EngineNotReady(f"model {self.spec.name!r} is not ready")
+        if llm.errored:
+            raise EngineDead(f"model {self.spec.name!r} engine has stopped")
+        return llm, self._tokenizer
+
+    def _check_prompt(self, prompt: list[int], extra: int) -> None:
+        if not prompt:
+            raise InvalidPrompt("the prompt is empty", param="messages")
+        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            raise InvalidPrompt(
+                f"token ids must lie in [0, {self._vocab_size}) for this model", param="prompt"
+            )
+        if len(prompt) + extra > self._max_model_len:
+            raise InvalidPrompt(
+                f"this model's maximum context length is {self._max_model_len} tokens; "
+                f"the request asks for {len(prompt)} prompt tokens and {extra} output tokens",
+                param="max_tokens" if extra else "input",
+            )
+
+
+class VllmGenerationEngine(_VllmEngine, GenerationEngine):
+    """A chat or completion model on ``AsyncLLM``."""
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        _, tokenizer = self._require()
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # jinja errors from a model's template are the caller's input
+            raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def _sampling_params(self, options: SamplingOptions, *, stream: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        kwargs: dict[str, Any] = {
+            "n": options.n,
+            "max_tokens": options.max_tokens,
+            "stop": list(options.stop) or None,
+            "seed": options.seed,
+            "presence_penalty": options.presence_penalty,
+            "frequency_penalty": options.frequency_penalty,
+            "logprobs": options.logprobs,
+            "ignore_eos": options.ignore_eos,
+            "skip_special_tokens": True,
+            "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        }
+        if options.temperature is not None:
+            kwargs["temperature"] = options.temperature
+        if options.top_p is not None:
+            kwargs["top_p"] = options.top_p
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as exc:
+            raise InvalidPrompt(str(exc)) from exc
+
+    def generate(
+        self,
+        prompt: list[int],
+        options: SamplingOptions,
+        request_id: str,
+        *,
+        stream: bool,
+    ) -> AsyncIterator[GenerationChunk]:
+        # Checked here, before the first chunk is awaited, so a bad request fails before a
+        # caller commits to a streamed answer.
+        llm, _ = self._require()
+        self._check_prompt(prompt, options.max_tokens)
+        params = self._sampling_params(options, stream=stream)
+        return self._run(llm, prompt, params, request_id, options.logprobs)
+
+    async def _run(
+        self, llm: AsyncLLM, prompt: list[int], params: Any, request_id: str, logprobs: int | None
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm.inputs import TokensPrompt
+
+        results = llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
+        try:
+            async for out in results:
+                yield GenerationChunk(
+                    choices=[_choice(c, logprobs) for c in out.outputs],
+                    prompt_tokens=len(prompt),
+                    cached_tokens=out.num_cached_tokens or 0,
+                    finished=out.finished,
+                )
+        except ValueError as exc:  # vLLM's validation of the request
+            raise InvalidPrompt(str(exc)) from exc
+        except Exception as exc:
+            if llm.errored:
+                raise EngineDead(f"model {self.spec.name!r} engine has stopped") from exc
+            raise
+        finally:
+            # Closing vLLM's generator aborts the request in the engine when it is unfinished.
+            await results.aclose()
+
+
+def _choice(output: Any, logprobs: int | None) -> ChoiceDelta:
+    return ChoiceDelta(
+        index=output.index,
+        text=output.text,
+        num_tokens=len(output.token_ids),
+        finish_reason=output.finish_reason,
+        stop_reason=output.stop_reason,
+        logprobs=_logprobs(output, logprobs) if logprobs is not None else None,
+    )
+
+
+def _logprobs(output: Any, top: int) -> list[TokenLogprob]:
+    entries = output.logprobs or []
+    result = []
+    for token_id, position in zip(output.token_ids, entries, strict=False):
+        if position is None:
+            continue
+        chosen = position.get(token_id)
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)[:top] if top else []
+        result.append(
+            TokenLogprob(
+                token=(chosen.decoded_token if chosen else None) or "",
+                logprob=float(chosen.logprob) if chosen else float("-inf"),
+                top=[TopLogprob(lp.decoded_token or "", float(lp.logprob)) for _, lp in ranked],
+            )
+        )
+    return result
+
+
+class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
+    """An embedding model on vLLM's pooling runner."""
+
+    _runner = "pooling"
+
+    async def embed(self, inputs: Sequence[list[int]], request_id: str) -> EmbeddingBatch:
+        from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+
+        llm, _ = self._require()
+        for ids in inputs:
+            self._check_prompt(ids, 0)
+
+        async def one(i: int, ids: list[int]) -> bytes:
+            final = None
+            async for out in llm.encode(
+                TokensPrompt(prompt_token_ids=ids), PoolingParams(task="embed"), f"{request_id}-{i}"
+            ):
+                final = out
+            if final is None:
+                raise EngineDead(f"model {self.spec.name!r} returned no embedding")
+            data = final.outputs.data
+            return bytes(data.float().contiguous().numpy().astype("<f4").tobytes())
+
+        vectors = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(inputs)))
+        return EmbeddingBatch(
+            vectors=list(vectors),
+            dimensions=len(vectors[0]) // 4 if vectors else 0,
+            prompt_tokens=sum(len(ids) for ids in inputs),
+        )
