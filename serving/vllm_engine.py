@@ -111,6 +111,7 @@ class _VllmEngine(ModelEngine):
                 else self._runner == "generate"
             ),
             "tensor_parallel_size": opts.tensor_parallel_size,
+            "stream_interval": opts.stream_interval,
             "disable_log_stats": True,  # our recorder is the only stat logger
             "enable_log_requests": False,  # request logs would carry prompts
         }

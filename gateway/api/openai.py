@@ -114,6 +114,7 @@ class _Generation:
         self.object = "chat.completion" if flavor == "chat" else "text_completion"
         self.usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
         self.finish_reasons: list[str] = []
+        self._event_parts: tuple[bytes, bytes, bytes] | None = None
         try:
             self.streams = [
                 engine.generate(prompt, options, f"{request_id}-{i}", stream=stream)
@@ -194,6 +195,21 @@ class _Generation:
             body["usage"] = usage_body(usage) if usage is not None else None
         return sse(body)
 
+    def _delta_event(self, index: int, text: str) -> bytes:
+        """The common event, a text delta, spliced from pre-encoded parts (the hot path)."""
+        if self._event_parts is None:
+            probe = self._chunk([{"index": 0, "__slot__": None}])
+            head, _, tail = probe.partition(b'0,"__slot__":null')
+            field = b'"delta":{"content":' if self.flavor == "chat" else b'"text":'
+            close = b"}" if self.flavor == "chat" else b""
+            self._event_parts = (
+                head,
+                b"," + field,
+                close + b',"logprobs":null,"finish_reason":null' + tail,
+            )
+        head, middle, tail = self._event_parts
+        return head + str(index).encode() + middle + _encode(text) + tail
+
     def _choice_event(self, index: int, delta: Any) -> dict[str, Any]:
         reason = finish_reason(delta)
         if self.flavor == "chat":
@@ -253,13 +269,12 @@ class _Generation:
                 self.obs.first_token()
                 self._count(chunk, p not in firsts)
                 firsts.add(p)
-                choices = [
-                    self._choice_event(p * n + c.index, c)
-                    for c in chunk.choices
-                    if c.text or c.finish_reason is not None or c.logprobs
-                ]
-                if choices:
-                    yield self._chunk(choices)
+                for c in chunk.choices:  # one choice per event, as OpenAI streams them
+                    if c.finish_reason is None and c.logprobs is None:
+                        if c.text:
+                            yield self._delta_event(p * n + c.index, c.text)
+                    else:
+                        yield self._chunk([self._choice_event(p * n + c.index, c)])
             if self.include_usage:
                 yield self._chunk([], self.usage)
             yield DONE

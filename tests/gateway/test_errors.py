@@ -51,7 +51,9 @@ def test_max_tokens_beyond_the_context_is_400(client: openai.OpenAI) -> None:
 
 def test_prompt_longer_than_the_context_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model="demo-chat", prompt=[100 + i % 500 for i in range(2100)], max_tokens=1)
+        client.completions.create(
+            model="demo-chat", prompt=[100 + i % 500 for i in range(2100)], max_tokens=1
+        )
     assert caught.value.code == "context_length_exceeded"
 
 
