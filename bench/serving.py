@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -76,16 +78,18 @@ async def direct(
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     from serving import load_catalog
     from serving.vllm_engine import VllmGenerationEngine, configure_cpu_binding
 
-    configure_cpu_binding()
     spec = load_catalog(catalog, data_dir).get(MODEL)
     assert spec is not None
-    args = VllmGenerationEngine(spec)._engine_args()
-    llm = AsyncLLM.from_engine_args(args)
+    # Started as the gateway starts it (same arguments, same CPU placement), then driven
+    # through vLLM's own AsyncLLM API with nothing of Tollgate in between.
+    engine = VllmGenerationEngine(spec, configure_cpu_binding())
+    await engine.start()
+    llm = engine._llm
+    assert llm is not None
     tokenizer = llm.get_tokenizer()
     texts = prompts(streams)
 
@@ -122,49 +126,56 @@ async def direct(
             if r:  # round 0 warms up
                 results.append(Round(sum(c for c, _ in done), elapsed, [t for _, t in done]))
     finally:
-        llm.shutdown()
+        await engine.shutdown()
     return results
 
 
-def _has_content(data: bytes) -> bool:
-    return data.count(b'"content":"') > data.count(b'"content":""')
-
-
-async def through_gateway(base_url: str, streams: int, max_tokens: int, rounds: int) -> list[Round]:
-    import aiohttp
-
-    async def one(session: aiohttp.ClientSession, i: int, start: float) -> tuple[int, float]:
+def through_gateway(base_url: str, streams: int, max_tokens: int, rounds: int) -> list[Round]:
+    """Drive the gateway with curl's parallel transfers: a C client, so the load generator
+    takes little of the CPU the gateway and the engine share. With the first token leaving
+    together with the response headers, curl's time to first byte is the time to first token.
+    """
+    work = Path(tempfile.mkdtemp())
+    lines = ["parallel", f"parallel-max = {streams}", "parallel-immediate", "silent"]
+    for i, text in enumerate(prompts(streams)):
         body = {
             "model": MODEL,
-            "messages": [{"role": "user", "content": prompts(streams)[i]}],
+            "messages": [{"role": "user", "content": text}],
             "max_tokens": max_tokens,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        first = None
-        tokens = 0
-        async with session.post(base_url + "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            tail = b""
-            async for data in response.content.iter_any():
-                if first is None and _has_content(data):
-                    first = time.perf_counter() - start
-                tail = (tail + data)[-1024:]
-            found = re.search(rb'"usage":\{"prompt_tokens":\d+,"completion_tokens":(\d+)', tail)
-            tokens = int(found.group(1)) if found else 0
-        return tokens, first or 0.0
-
+        (work / f"body{i}.json").write_text(json.dumps(body))
+        lines += [
+            f'url = "{base_url}/v1/chat/completions"',
+            'header = "content-type: application/json"',
+            f'data-binary = "@{work / f"body{i}.json"}"',
+            f'output = "{work / f"out{i}.txt"}"',
+            'write-out = "%{time_starttransfer}\\n"',
+            "next",
+        ]
+    config = work / "curl.cfg"
+    config.write_text("\n".join(lines[:-1]) + "\n")
     results = []
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for r in range(rounds + 1):
-            start = time.perf_counter()
-            done = await asyncio.gather(*(one(session, i, start) for i in range(streams)))
-            elapsed = time.perf_counter() - start
-            if r:
-                results.append(Round(sum(c for c, _ in done), elapsed, [t for _, t in done]))
+    for r in range(rounds + 1):
+        start = time.perf_counter()
+        done = subprocess.run(
+            [CURL, "--config", str(config)], capture_output=True, text=True, check=True
+        )
+        elapsed = time.perf_counter() - start
+        ttfts = [float(x) for x in done.stdout.split()]
+        tokens = 0
+        for i in range(streams):
+            found = USAGE.search((work / f"out{i}.txt").read_bytes())
+            tokens += int(found.group(1)) if found else 0
+        if r:
+            results.append(Round(tokens, elapsed, ttfts))
     return results
+
+
+CURL = shutil.which("curl") or "curl"
+USAGE = re.compile(rb'"usage":\{"prompt_tokens":\d+,"completion_tokens":(\d+)')
 
 
 def start_gateway(catalog: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -216,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stream-interval", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".tollgate")
     args = parser.parse_args()
@@ -230,14 +241,15 @@ def main() -> None:
         f"{args.rounds} rounds + warm-up, model {MODEL}, stream_interval {args.stream_interval}"
     )
 
-    direct_rounds = asyncio.run(
+    import uvloop
+
+    # uvloop, as the gateway runs on it.
+    direct_rounds = uvloop.run(
         direct(catalog, args.data_dir, args.streams, args.max_tokens, args.rounds)
     )
     proc, url = start_gateway(catalog, args.data_dir)
     try:
-        gateway_rounds = asyncio.run(
-            through_gateway(url, args.streams, args.max_tokens, args.rounds)
-        )
+        gateway_rounds = through_gateway(url, args.streams, args.max_tokens, args.rounds)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

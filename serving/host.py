@@ -14,27 +14,29 @@ __all__ = ["EngineHost", "make_engine"]
 logger = logging.getLogger(__name__)
 
 
-def make_engine(spec: ModelSpec) -> ModelEngine:
+def make_engine(spec: ModelSpec, engine_cpus: set[int] | None = None) -> ModelEngine:
     """The engine implementation for one catalog entry."""
     from serving.vllm_engine import VllmEmbeddingEngine, VllmGenerationEngine
 
     if spec.kind == "embedding":
-        return VllmEmbeddingEngine(spec)
-    return VllmGenerationEngine(spec)
+        return VllmEmbeddingEngine(spec, engine_cpus)
+    return VllmGenerationEngine(spec, engine_cpus)
 
 
 class EngineHost:
     """The co-located engines of one process, sharing its event loop."""
 
     def __init__(self, catalog: Catalog) -> None:
+        from serving.vllm_engine import configure_cpu_binding
+
         self.catalog = catalog
-        self._engines: dict[str, ModelEngine] = {spec.name: make_engine(spec) for spec in catalog}
+        cpus = configure_cpu_binding()
+        self._engines: dict[str, ModelEngine] = {
+            spec.name: make_engine(spec, cpus) for spec in catalog
+        }
 
     async def start(self) -> None:
         """Start every engine side by side; if one fails, stop the others and raise."""
-        from serving.vllm_engine import configure_cpu_binding
-
-        configure_cpu_binding()
         started = time.perf_counter()
         results = await asyncio.gather(
             *(self._start_one(engine) for engine in self._engines.values()),

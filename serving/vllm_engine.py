@@ -34,16 +34,26 @@ logger = logging.getLogger(__name__)
 _GIB = 1 << 30
 
 
-def configure_cpu_binding() -> None:
-    """On a CPU host, keep core 0 for the event loop and bind vLLM's OpenMP threads to the rest.
+def configure_cpu_binding() -> set[int] | None:
+    """On a CPU host, give the calling thread (the event loop) core 0, the engines the rest.
 
-    Settings already present in the environment win. Call before the first engine starts.
+    vLLM's OpenMP threads are bound to the engine cores; the engine processes themselves are
+    started with the same affinity (see :meth:`_VllmEngine.start`), so their busy-waiting
+    never competes with the event loop. Settings already in the environment win.
+
+    Returns:
+        The engine cores, or ``None`` where there is nothing to split (a GPU host, one core).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from disk, never the network
+    from vllm.platforms import current_platform
+
     cores = sorted(os.sched_getaffinity(0))
-    if len(cores) >= 2:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core_list(cores[1:]))
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    if not current_platform.is_cpu() or len(cores) < 2:
+        return None
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core_list(cores[1:]))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.sched_setaffinity(0, {cores[0]})  # the calling thread runs the event loop
+    return set(cores[1:])
 
 
 def _core_list(cores: list[int]) -> str:
@@ -87,8 +97,9 @@ def _make_stat_logger(stats: EngineStats) -> Any:
 class _VllmEngine(ModelEngine):
     _runner = "generate"
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, engine_cpus: set[int] | None = None) -> None:
         self.spec = spec
+        self.engine_cpus = engine_cpus
         self._stats = EngineStats()
         self._llm: AsyncLLM | None = None
         self._tokenizer: Any = None
@@ -130,9 +141,23 @@ class _VllmEngine(ModelEngine):
 
         args = self._engine_args()
         factory = _make_stat_logger(self._stats)
+        cpus = self.engine_cpus
+
+        def construct() -> AsyncLLM:
+            # Processes inherit the affinity of the thread that starts them: the engine core
+            # and its workers land on the engine cores, away from the event loop.
+            previous = os.sched_getaffinity(0)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+            try:
+                return AsyncLLM.from_engine_args(args, stat_loggers=[factory])
+            finally:
+                if cpus:
+                    os.sched_setaffinity(0, previous)
+
         # The constructor blocks until the engine core process is up; run it in a thread
         # so several engines start side by side and the event loop stays responsive.
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[factory])
+        llm = await asyncio.to_thread(construct)
         self._llm = llm
         self._tokenizer = llm.get_tokenizer()
         self._max_model_len = llm.model_config.max_model_len

@@ -115,6 +115,7 @@ class _Generation:
         self.usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
         self.finish_reasons: list[str] = []
         self._event_parts: tuple[bytes, bytes, bytes] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         try:
             self.streams = [
                 engine.generate(prompt, options, f"{request_id}-{i}", stream=stream)
@@ -227,11 +228,11 @@ class _Generation:
             "finish_reason": reason,
         }
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """The SSE stream; closing it early aborts every prompt in the engine."""
-        n = self.options.n
+    def _source(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """Every prompt's chunks as one sequence of ``(prompt index, chunk)``."""
+        if len(self.streams) == 1:
+            return _tag(self.streams[0])
         queue: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None] = asyncio.Queue()
-        streams = self.streams
 
         async def pump(p: int, chunks: AsyncIterator[GenerationChunk]) -> None:
             try:
@@ -243,10 +244,50 @@ class _Generation:
             finally:
                 queue.put_nowait(None)
 
-        single = len(streams) == 1
-        tasks: list[asyncio.Task[None]] = []
+        self._tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(self.streams)]
+        return _drain(queue, len(self._tasks))
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for s in self.streams:
+            await s.aclose()  # type: ignore[attr-defined]
+
+    async def open_stream(self) -> Stream:
+        """Wait for the first output, then answer with the SSE stream.
+
+        Headers leave with the first token, so an error before it still gets its own status
+        code rather than a 200 with an error event inside.
+        """
+        source = self._source()
+        try:
+            first: tuple[int, GenerationChunk] | None = await anext(source)
+        except StopAsyncIteration:
+            first = None
+        except ServingError as exc:
+            await self._close()
+            self._finish(error=type(exc).__name__)
+            raise _api_error(exc) from exc
+        except BaseException as exc:
+            await self._close()
+            self._finish(error=type(exc).__name__, outcome="aborted")
+            raise
+        return Stream(
+            self._events(source, first),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    async def _events(
+        self,
+        source: AsyncIterator[tuple[int, GenerationChunk]],
+        first: tuple[int, GenerationChunk] | None,
+    ) -> AsyncIterator[bytes]:
+        """The SSE events; closing this early aborts every prompt in the engine."""
+        n = self.options.n
         error: str | None = None
         outcome = "ok"
+        seen: set[int] = set()
         try:
             if self.flavor == "chat":
                 role = [
@@ -256,19 +297,14 @@ class _Generation:
                         "logprobs": None,
                         "finish_reason": None,
                     }
-                    for i in range(n)
+                    for i in range(n * len(self.prompts))
                 ]
                 yield self._chunk(role)
-            if single:
-                source: AsyncIterator[tuple[int, GenerationChunk]] = _tag(streams[0])
-            else:
-                tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
-                source = _drain(queue, len(tasks))
-            firsts: set[int] = set()
-            async for p, chunk in source:
+            pending = [first] if first is not None else []
+            async for p, chunk in _chain(pending, source):
                 self.obs.first_token()
-                self._count(chunk, p not in firsts)
-                firsts.add(p)
+                self._count(chunk, p not in seen)
+                seen.add(p)
                 for c in chunk.choices:  # one choice per event, as OpenAI streams them
                     if c.finish_reason is None and c.logprobs is None:
                         if c.text:
@@ -286,11 +322,17 @@ class _Generation:
             error, outcome = type(exc).__name__, "aborted"
             raise
         finally:
-            for task in tasks:
-                task.cancel()
-            for s in streams:
-                await s.aclose()  # type: ignore[attr-defined]
+            await self._close()
             self._finish(error=error, outcome=outcome)
+
+
+async def _chain(
+    head: list[tuple[int, GenerationChunk]], rest: AsyncIterator[tuple[int, GenerationChunk]]
+) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    for item in head:
+        yield item
+    async for item in rest:
+        yield item
 
 
 class ClientDisconnected(Exception):
@@ -473,11 +515,7 @@ class OpenAIController(Controller):
             stream=req.stream,
         )
         if req.stream:
-            return Stream(
-                gen.events(),
-                media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
+            return await gen.open_stream()
         return await gen.complete(request)
 
     @post("/embeddings", status_code=200)
