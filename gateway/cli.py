@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # no proxy is trusted to speak for the client
         log_config=None,
         timeout_graceful_shutdown=10,
     )

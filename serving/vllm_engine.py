@@ -105,6 +105,9 @@ class _VllmEngine(ModelEngine):
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._vocab_size = 0
+        self._fast: Any = None
+        self._template: Any = None
+        self._template_tokens: dict[str, Any] = {}
 
     def _engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -160,6 +163,7 @@ class _VllmEngine(ModelEngine):
         llm = await asyncio.to_thread(construct)
         self._llm = llm
         self._tokenizer = llm.get_tokenizer()
+        self._prepare_tokenizer(self._tokenizer)
         self._max_model_len = llm.model_config.max_model_len
         self._vocab_size = llm.model_config.get_vocab_size()
         self._stats.ready = True
@@ -180,7 +184,31 @@ class _VllmEngine(ModelEngine):
         return self._max_model_len
 
     def tokenize(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return list(self._fast.encode(text, add_special_tokens=False).ids)
         return list(self._require()[1].encode(text, add_special_tokens=False))
+
+    def _prepare_tokenizer(self, tokenizer: Any) -> None:
+        """Keep private copies of the fast tokenizer and the compiled chat template.
+
+        Both are what the public tokenizer calls use underneath, minus a layer of Python
+        per call that the request path can do without.
+        """
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_str(backend.to_str())
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, str):
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                self._template = _compile_jinja_template(template)
+                self._template_tokens = dict(tokenizer.special_tokens_map)
+            except Exception:  # an older or newer transformers: fall back to its public call
+                logger.info("chat template of %s renders through transformers", self.name)
+                self._template = None
 
     def _require(self) -> tuple[AsyncLLM, Any]:
         llm = self._llm
@@ -212,12 +240,21 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         _, tokenizer = self._require()
         conversation = [{"role": role, "content": content} for role, content in messages]
         try:
-            text = tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
+            if self._template is not None:
+                text = self._template.render(
+                    messages=conversation,
+                    tools=None,
+                    documents=None,
+                    add_generation_prompt=True,
+                    **self._template_tokens,
+                )
+            else:
+                text = tokenizer.apply_chat_template(
+                    conversation, add_generation_prompt=True, tokenize=False
+                )
         except Exception as exc:  # jinja errors from a model's template are the caller's input
             raise InvalidPrompt(f"the chat template rejected the messages: {exc}") from exc
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return self.tokenize(text)
 
     def _sampling_params(self, options: SamplingOptions, *, stream: bool) -> Any:
         from vllm import SamplingParams
