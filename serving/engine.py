@@ -154,7 +154,11 @@ class ModelEngine(abc.ABC):
 
     @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` as the model sees it, without special tokens."""
+        """Token ids of ``text`` as the model sees it.
+
+        Generation models get no special tokens (a chat template supplies them); embedding
+        models get the ones they were trained with around each input.
+        """
 
 
 class GenerationEngine(ModelEngine):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from serving.catalog import Catalog, ModelSpec
@@ -27,6 +28,8 @@ class EngineHost:
     """The co-located engines of one process, sharing its event loop."""
 
     def __init__(self, catalog: Catalog) -> None:
+        # Weights come from disk, never from the network, unless the operator says otherwise.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from serving.vllm_engine import configure_cpu_binding
 
         self.catalog = catalog

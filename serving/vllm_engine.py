@@ -44,7 +44,6 @@ def configure_cpu_binding() -> set[int] | None:
     Returns:
         The engine cores, or ``None`` where there is nothing to split (a GPU host, one core).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from disk, never the network
     from vllm.platforms import current_platform
 
     cores = sorted(os.sched_getaffinity(0))
@@ -184,9 +183,12 @@ class _VllmEngine(ModelEngine):
         return self._max_model_len
 
     def tokenize(self, text: str) -> list[int]:
+        # Encoders are trained with their special tokens around every input ([CLS] ... [SEP]);
+        # a chat prompt gets its special tokens from the template instead.
+        special = self._runner == "pooling"
         if self._fast is not None:
-            return list(self._fast.encode(text, add_special_tokens=False).ids)
-        return list(self._require()[1].encode(text, add_special_tokens=False))
+            return list(self._fast.encode(text, add_special_tokens=special).ids)
+        return list(self._require()[1].encode(text, add_special_tokens=special))
 
     def _prepare_tokenizer(self, tokenizer: Any) -> None:
         """Keep private copies of the fast tokenizer and the compiled chat template.

@@ -262,6 +262,7 @@ class _Generation:
         source = self._source()
         try:
             first: tuple[int, GenerationChunk] | None = await anext(source)
+            self.obs.first_token()
         except StopAsyncIteration:
             first = None
         except ServingError as exc:
@@ -458,8 +459,6 @@ class OpenAIController(Controller):
             prompts = [engine.tokenize(p) if isinstance(p, str) else p for p in raw]
         except ServingError as exc:
             raise _api_error(exc) from exc
-        if req.max_tokens == 0:
-            raise InvalidRequest("max_tokens must be at least 1.", param="max_tokens")
         return await self._start(
             "text", request, engine, prompts, req, req.max_tokens, req.logprobs, telemetry
         )

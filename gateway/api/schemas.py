@@ -91,7 +91,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: TextOrTokens
-    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = 16
+    max_tokens: PositiveInt | None = 16
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None

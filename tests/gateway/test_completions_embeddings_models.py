@@ -118,3 +118,11 @@ def test_health_and_readiness(http: httpx.Client) -> None:
     assert body["status"] == "ready"
     assert set(body["models"]) == {"demo-chat", "minilm"}
     assert all(m["ready"] for m in body["models"].values())
+
+
+def test_text_input_equals_its_tokens_with_special_tokens(client: openai.OpenAI) -> None:
+    # "hello world" in MiniLM's vocabulary, with the [CLS] and [SEP] it was trained with.
+    text = client.embeddings.create(model="minilm", input="hello world")
+    tokens = client.embeddings.create(model="minilm", input=[[101, 7592, 2088, 102]])
+    assert text.usage.prompt_tokens == 4
+    assert _cosine(text.data[0].embedding, tokens.data[0].embedding) > 0.9999
