@@ -200,7 +200,12 @@ class _VllmEngine(ModelEngine):
         if backend is not None:
             from tokenizers import Tokenizer
 
-            self._fast = Tokenizer.from_str(backend.to_str())
+            fast = Tokenizer.from_str(backend.to_str())
+            # A tokenizer.json may carry padding and truncation meant for batch training;
+            # the engine batches by itself, and over-long inputs are refused, not cut.
+            fast.no_padding()
+            fast.no_truncation()
+            self._fast = fast
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, str):
             try:

@@ -125,3 +125,9 @@ def test_request_ids_are_unique_and_not_taken_from_the_client(http: httpx.Client
     }
     assert len(ids) == 5
     assert "mine" not in ids
+
+
+def test_embedding_input_beyond_the_context_is_400_not_truncated(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="minilm", input="word " * 400)
+    assert caught.value.code == "context_length_exceeded"
