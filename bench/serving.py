@@ -1,11 +1,12 @@
 """Streams through the gateway against the same streams straight at vLLM's AsyncLLM.
 
-Drives N concurrent streams at the same prompts twice, first in-process at the engine, then
-over HTTP through a `tollgate serve` process, and prints output tokens/s, time to first token
-p50 and p99, and the gateway/direct ratios. Each mode runs a warm-up round, then ROUNDS
-measured rounds; the figures are medians over rounds.
+Drives N concurrent streams at the same prompts two ways: straight at an AsyncLLM engine in
+a child process, and over HTTP through a `tollgate serve` process; both engines start the
+same way. Rounds alternate between the two modes so that drift in the machine hits both
+alike. Prints output tokens/s (median over rounds), time to first token p50 and p99 (over
+all streams of all rounds), and the gateway/direct ratios.
 
-    .venv/bin/python bench/serving.py [--streams 64] [--max-tokens 256] [--rounds 3]
+    .venv/bin/python bench/serving.py [--streams 64] [--max-tokens 256] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -71,34 +72,29 @@ stream_interval = {stream_interval}
     return path
 
 
-async def direct(
-    catalog: Path, data_dir: Path, streams: int, max_tokens: int, rounds: int
-) -> list[Round]:
-    """Drive vLLM's AsyncLLM itself, with the engine arguments the gateway would use."""
+async def direct_child(catalog: Path, data_dir: Path, streams: int, max_tokens: int) -> None:
+    """Serve rounds straight at vLLM's AsyncLLM, one per ``round`` line on stdin.
+
+    The engine is started exactly as the gateway starts it (same arguments, same CPU
+    placement), then driven through vLLM's own API with nothing of Tollgate in between.
+    Each round prints one JSON line: tokens, seconds, time to first token per stream.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
     from serving import load_catalog
+    from serving.host import settle_process
     from serving.vllm_engine import VllmGenerationEngine, configure_cpu_binding
 
     spec = load_catalog(catalog, data_dir).get(MODEL)
     assert spec is not None
-    # Started as the gateway starts it (same arguments, same CPU placement), then driven
-    # through vLLM's own AsyncLLM API with nothing of Tollgate in between.
     engine = VllmGenerationEngine(spec, configure_cpu_binding())
     await engine.start()
+    settle_process()  # as vLLM's own server and Tollgate's engine host do after start
     llm = engine._llm
     assert llm is not None
-    tokenizer = llm.get_tokenizer()
     texts = prompts(streams)
-
-    def render(i: int) -> list[int]:
-        # Inside the timed region: a caller of the engine renders and tokenizes too.
-        chat = [{"role": "user", "content": texts[i]}]
-        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
     params = SamplingParams(
         max_tokens=max_tokens,
         ignore_eos=True,
@@ -107,71 +103,110 @@ async def direct(
     )
 
     async def one(tag: str, i: int, start: float) -> tuple[int, float]:
+        # Rendering and tokenizing stay inside the timed region: a caller does them too.
+        prompt = TokensPrompt(prompt_token_ids=engine.render_chat([("user", texts[i])]))
         first = None
         count = 0
-        async for out in llm.generate(
-            TokensPrompt(prompt_token_ids=render(i)), params, f"{tag}-{i}"
-        ):
+        async for out in llm.generate(prompt, params, f"{tag}-{i}"):
             if first is None and out.outputs[0].token_ids:
                 first = time.perf_counter() - start
             count += len(out.outputs[0].token_ids)
         return count, first or 0.0
 
-    results = []
+    loop = asyncio.get_running_loop()
+    print("ready", flush=True)
+    r = 0
     try:
-        for r in range(rounds + 1):
+        while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "round":
+            r += 1
             start = time.perf_counter()
             done = await asyncio.gather(*(one(f"r{r}", i, start) for i in range(streams)))
             elapsed = time.perf_counter() - start
-            if r:  # round 0 warms up
-                results.append(Round(sum(c for c, _ in done), elapsed, [t for _, t in done]))
+            result = {"tokens": sum(c for c, _ in done), "seconds": elapsed}
+            print(json.dumps({**result, "ttfts": [t for _, t in done]}), flush=True)
     finally:
         await engine.shutdown()
-    return results
 
 
-def through_gateway(base_url: str, streams: int, max_tokens: int, rounds: int) -> list[Round]:
-    """Drive the gateway with curl's parallel transfers: a C client, so the load generator
-    takes little of the CPU the gateway and the engine share. With the first token leaving
-    together with the response headers, curl's time to first byte is the time to first token.
+class Direct:
+    """The direct-mode child process, driven one round at a time."""
+
+    def __init__(self, catalog: Path, data_dir: Path, streams: int, max_tokens: int) -> None:
+        args = [sys.executable, __file__, "--direct-child", "--catalog", str(catalog)]
+        args += ["--data-dir", str(data_dir), "--streams", str(streams)]
+        args += ["--max-tokens", str(max_tokens)]
+        self.log = Path(tempfile.mkdtemp()) / "direct.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+        if self._line() != "ready":
+            raise SystemExit(f"direct engine did not start; see {self.log}")
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        while line := self.proc.stdout.readline():
+            if line.startswith(("ready", "{")):
+                return line.strip()
+        raise SystemExit(f"direct engine exited; see {self.log}")
+
+    def round(self) -> Round:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        data = json.loads(self._line())
+        return Round(data["tokens"], data["seconds"], data["ttfts"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+class Gateway:
+    """Rounds through the gateway with curl's parallel transfers.
+
+    curl is a C client, so the load generator takes little of the CPU that the gateway and
+    the engine share; with the first token leaving together with the response headers,
+    curl's time to first byte is the time to first token.
     """
-    work = Path(tempfile.mkdtemp())
-    lines = ["parallel", f"parallel-max = {streams}", "parallel-immediate", "silent"]
-    for i, text in enumerate(prompts(streams)):
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        (work / f"body{i}.json").write_text(json.dumps(body))
-        lines += [
-            f'url = "{base_url}/v1/chat/completions"',
-            'header = "content-type: application/json"',
-            f'data-binary = "@{work / f"body{i}.json"}"',
-            f'output = "{work / f"out{i}.txt"}"',
-            'write-out = "%{time_starttransfer}\\n"',
-            "next",
-        ]
-    config = work / "curl.cfg"
-    config.write_text("\n".join(lines[:-1]) + "\n")
-    results = []
-    for r in range(rounds + 1):
+
+    def __init__(self, base_url: str, streams: int, max_tokens: int) -> None:
+        self.work = Path(tempfile.mkdtemp())
+        self.streams = streams
+        lines = ["parallel", f"parallel-max = {streams}", "parallel-immediate", "silent"]
+        for i, text in enumerate(prompts(streams)):
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            (self.work / f"body{i}.json").write_text(json.dumps(body))
+            lines += [
+                f'url = "{base_url}/v1/chat/completions"',
+                'header = "content-type: application/json"',
+                f'data-binary = "@{self.work / f"body{i}.json"}"',
+                f'output = "{self.work / f"out{i}.txt"}"',
+                'write-out = "%{time_starttransfer}\\n"',
+                "next",
+            ]
+        self.config = self.work / "curl.cfg"
+        self.config.write_text("\n".join(lines[:-1]) + "\n")
+
+    def round(self) -> Round:
         start = time.perf_counter()
         done = subprocess.run(
-            [CURL, "--config", str(config)], capture_output=True, text=True, check=True
+            [CURL, "--config", str(self.config)], capture_output=True, text=True, check=True
         )
         elapsed = time.perf_counter() - start
-        ttfts = [float(x) for x in done.stdout.split()]
         tokens = 0
-        for i in range(streams):
-            found = USAGE.search((work / f"out{i}.txt").read_bytes())
+        for i in range(self.streams):
+            found = USAGE.search((self.work / f"out{i}.txt").read_bytes())
             tokens += int(found.group(1)) if found else 0
-        if r:
-            results.append(Round(tokens, elapsed, ttfts))
-    return results
+        return Round(tokens, elapsed, [float(x) for x in done.stdout.split()])
 
 
 CURL = shutil.which("curl") or "curl"
@@ -227,10 +262,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--stream-interval", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=ROOT / ".tollgate")
+    parser.add_argument("--direct-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--catalog", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.direct_child:
+        import uvloop  # the gateway runs on uvloop too
+
+        uvloop.run(direct_child(args.catalog, args.data_dir, args.streams, args.max_tokens))
+        return
 
     from serving.demo import prepare_demo_models
 
@@ -238,19 +281,25 @@ def main() -> None:
     catalog = catalog_file(args.data_dir.resolve(), args.stream_interval)
     print(
         f"{args.streams} concurrent streams x {args.max_tokens} output tokens, "
-        f"{args.rounds} rounds + warm-up, model {MODEL}, stream_interval {args.stream_interval}"
+        f"{args.rounds} rounds of each mode, interleaved, after a warm-up round; "
+        f"model {MODEL}, stream_interval {args.stream_interval}",
+        flush=True,
     )
-
-    import uvloop
-
-    # uvloop, as the gateway runs on it.
-    direct_rounds = uvloop.run(
-        direct(catalog, args.data_dir, args.streams, args.max_tokens, args.rounds)
-    )
+    direct = Direct(catalog, args.data_dir, args.streams, args.max_tokens)
     proc, url = start_gateway(catalog, args.data_dir)
+    gateway = Gateway(url, args.streams, args.max_tokens)
+    direct_rounds: list[Round] = []
+    gateway_rounds: list[Round] = []
     try:
-        gateway_rounds = through_gateway(url, args.streams, args.max_tokens, args.rounds)
+        for r in range(args.rounds + 1):
+            for mode, rounds in ((direct, direct_rounds), (gateway, gateway_rounds)):
+                result = mode.round()
+                if r:  # round 0 warms both up
+                    rounds.append(result)
+                # Let the idle engine stop busy-polling before the other one runs.
+                time.sleep(IDLE_S)
     finally:
+        direct.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
 
@@ -261,6 +310,8 @@ def main() -> None:
         f"TTFT p50 {g_p50 - d_p50:+.1f} ms   p99 {g_p99 - d_p99:+.1f} ms (gateway - direct)"
     )
 
+
+IDLE_S = 1.5  # vLLM's workers busy-poll for 1 s after their last message
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import time
 from serving.catalog import Catalog, ModelSpec
 from serving.engine import EmbeddingEngine, EngineStats, GenerationEngine, ModelEngine
 
-__all__ = ["EngineHost", "make_engine"]
+__all__ = ["EngineHost", "make_engine", "settle_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,23 @@ def make_engine(spec: ModelSpec, engine_cpus: set[int] | None = None) -> ModelEn
     if spec.kind == "embedding":
         return VllmEmbeddingEngine(spec, engine_cpus)
     return VllmGenerationEngine(spec, engine_cpus)
+
+
+def settle_process() -> None:
+    """Once the engines are up: make start-up state cheap to live with, as vLLM's server does.
+
+    vLLM reads its environment variables on every access until told they are settled, and
+    the objects that importing torch, transformers and vLLM leaves behind would otherwise
+    be walked by every full garbage collection, pausing the event loop for a large part of
+    a second. Freezing them takes them out of the collector's way.
+    """
+    import gc
+
+    from vllm import envs
+
+    envs.enable_envs_cache()
+    gc.collect()
+    gc.freeze()
 
 
 class EngineHost:
@@ -49,6 +66,7 @@ class EngineHost:
         if failures:
             await self.shutdown()
             raise failures[0]
+        settle_process()
         logger.info(
             "started %d engine(s) in %.1f s", len(self._engines), time.perf_counter() - started
         )
