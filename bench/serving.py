@@ -85,12 +85,18 @@ async def direct_child(catalog: Path, data_dir: Path, streams: int, max_tokens: 
 
     from serving import load_catalog
     from serving.host import settle_process
-    from serving.vllm_engine import VllmGenerationEngine, configure_cpu_binding
+    from serving.vllm_engine import (
+        VllmGenerationEngine,
+        configure_cpu_binding,
+        pin_engine_processes,
+    )
 
     spec = load_catalog(catalog, data_dir).get(MODEL)
     assert spec is not None
-    engine = VllmGenerationEngine(spec, configure_cpu_binding())
+    cpus = configure_cpu_binding()
+    engine = VllmGenerationEngine(spec, cpus)
     await engine.start()
+    pin_engine_processes(cpus)
     settle_process()  # as vLLM's own server and Tollgate's engine host do after start
     llm = engine._llm
     assert llm is not None

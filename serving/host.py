@@ -50,7 +50,7 @@ class EngineHost:
         from serving.vllm_engine import configure_cpu_binding
 
         self.catalog = catalog
-        cpus = configure_cpu_binding()
+        self._cpus = cpus = configure_cpu_binding()
         self._engines: dict[str, ModelEngine] = {
             spec.name: make_engine(spec, cpus) for spec in catalog
         }
@@ -66,6 +66,9 @@ class EngineHost:
         if failures:
             await self.shutdown()
             raise failures[0]
+        from serving.vllm_engine import pin_engine_processes
+
+        pin_engine_processes(self._cpus)
         settle_process()
         logger.info(
             "started %d engine(s) in %.1f s", len(self._engines), time.perf_counter() - started

@@ -28,7 +28,12 @@ from serving.engine import (
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-__all__ = ["VllmEmbeddingEngine", "VllmGenerationEngine", "configure_cpu_binding"]
+__all__ = [
+    "VllmEmbeddingEngine",
+    "VllmGenerationEngine",
+    "configure_cpu_binding",
+    "pin_engine_processes",
+]
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
@@ -37,9 +42,9 @@ _GIB = 1 << 30
 def configure_cpu_binding() -> set[int] | None:
     """On a CPU host, give the calling thread (the event loop) core 0, the engines the rest.
 
-    vLLM's OpenMP threads are bound to the engine cores; the engine processes themselves are
-    started with the same affinity (see :meth:`_VllmEngine.start`), so their busy-waiting
-    never competes with the event loop. Settings already in the environment win.
+    vLLM's OpenMP threads are bound to the engine cores; the engine processes themselves move
+    there once started (:func:`pin_engine_processes`), so their busy-waiting never competes
+    with the event loop. Settings already in the environment win.
 
     Returns:
         The engine cores, or ``None`` where there is nothing to split (a GPU host, one core).
@@ -53,6 +58,30 @@ def configure_cpu_binding() -> set[int] | None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     os.sched_setaffinity(0, {cores[0]})  # the calling thread runs the event loop
     return set(cores[1:])
+
+
+def pin_engine_processes(cpus: set[int] | None) -> None:
+    """Move every thread of every process this one started onto ``cpus``.
+
+    Threads already bound inside ``cpus`` (vLLM's OpenMP threads, one per core) keep their
+    binding; the rest (engine cores busy-polling their workers, helper threads) stop
+    competing with the event loop.
+    """
+    if not cpus:
+        return
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            threads = child.threads()
+        except psutil.Error:
+            continue
+        for thread in threads:
+            try:
+                if not os.sched_getaffinity(thread.id) <= cpus:
+                    os.sched_setaffinity(thread.id, cpus)
+            except OSError:  # the thread ended meanwhile
+                continue
 
 
 def _core_list(cores: list[int]) -> str:
@@ -143,19 +172,19 @@ class _VllmEngine(ModelEngine):
 
         args = self._engine_args()
         factory = _make_stat_logger(self._stats)
-        cpus = self.engine_cpus
+        all_cpus = os.sched_getaffinity(0) | (self.engine_cpus or set())
 
         def construct() -> AsyncLLM:
-            # Processes inherit the affinity of the thread that starts them: the engine core
-            # and its workers land on the engine cores, away from the event loop.
+            # Processes inherit the affinity of the thread that starts them. Start-up is
+            # CPU-bound work (imports, compilation) that may use every core; the engine
+            # processes move to the engine cores once every engine is up
+            # (see pin_engine_processes).
             previous = os.sched_getaffinity(0)
-            if cpus:
-                os.sched_setaffinity(0, cpus)
+            os.sched_setaffinity(0, all_cpus)
             try:
                 return AsyncLLM.from_engine_args(args, stat_loggers=[factory])
             finally:
-                if cpus:
-                    os.sched_setaffinity(0, previous)
+                os.sched_setaffinity(0, previous)
 
         # The constructor blocks until the engine core process is up; run it in a thread
         # so several engines start side by side and the event loop stays responsive.
