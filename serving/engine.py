@@ -56,9 +56,11 @@ class EngineDead(ServingError):
 class InvalidPrompt(ServingError):
     """The prompt or its options cannot be served; sending it again will not help."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, *, too_long: bool = False) -> None:
         super().__init__(message)
         self.param = param
+        #: The prompt plus the requested output do not fit the model's context.
+        self.too_long = too_long
 
 
 class SamplingOptions(msgspec.Struct, frozen=True):

@@ -266,6 +266,7 @@ class _VllmEngine(ModelEngine):
                 f"this model's maximum context length is {self._max_model_len} tokens; "
                 f"the request asks for {len(prompt)} prompt tokens and {extra} output tokens",
                 param="max_tokens" if extra else "input",
+                too_long=True,
             )
 
 

@@ -46,7 +46,7 @@ def json_response(body: dict[str, Any]) -> Response[bytes]:
 
 def api_error(exc: ServingError) -> APIError:
     if isinstance(exc, InvalidPrompt):
-        code = "context_length_exceeded" if "context length" in str(exc) else None
+        code = "context_length_exceeded" if exc.too_long else None
         return InvalidRequest(str(exc), param=exc.param, code=code)
     if isinstance(exc, EngineNotReady):
         return ServiceUnavailable(str(exc), code="model_not_ready")
@@ -248,6 +248,20 @@ class Generation:
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
+    def _chunk_events(self, p: int, chunk: GenerationChunk, seen: set[int]) -> list[bytes]:
+        """Count one engine chunk of prompt ``p`` and render it, one choice per event."""
+        self._count(chunk, p not in seen)
+        seen.add(p)
+        n = self.options.n
+        events = []
+        for c in chunk.choices:
+            if c.finish_reason is None and c.logprobs is None:
+                if c.text:
+                    events.append(self._delta_event(p * n + c.index, c.text))
+            else:
+                events.append(self._chunk([self._choice_event(p * n + c.index, c)]))
+        return events
+
     async def _events(
         self,
         source: AsyncIterator[tuple[int, GenerationChunk]],
@@ -270,17 +284,12 @@ class Generation:
                     for i in range(n * len(self.prompts))
                 ]
                 yield self._chunk(role)
-            pending = [first] if first is not None else []
-            async for p, chunk in _chain(pending, source):
-                self.obs.first_token()
-                self._count(chunk, p not in seen)
-                seen.add(p)
-                for c in chunk.choices:  # one choice per event, as OpenAI streams them
-                    if c.finish_reason is None and c.logprobs is None:
-                        if c.text:
-                            yield self._delta_event(p * n + c.index, c.text)
-                    else:
-                        yield self._chunk([self._choice_event(p * n + c.index, c)])
+            if first is not None:
+                for event in self._chunk_events(*first, seen):
+                    yield event
+            async for p, chunk in source:
+                for event in self._chunk_events(p, chunk, seen):
+                    yield event
             if self.include_usage:
                 yield self._chunk([], self.usage)
             yield DONE
@@ -294,15 +303,6 @@ class Generation:
         finally:
             await self._close()
             self._finish(error=error, outcome=outcome)
-
-
-async def _chain(
-    head: list[tuple[int, GenerationChunk]], rest: AsyncIterator[tuple[int, GenerationChunk]]
-) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    for item in head:
-        yield item
-    async for item in rest:
-        yield item
 
 
 class ClientDisconnected(Exception):
