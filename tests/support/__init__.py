@@ -1,0 +1,1 @@
+"""Helpers the tests share: servers they run against and clients they drive them with."""
