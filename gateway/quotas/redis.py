@@ -1,0 +1,253 @@
+"""The Redis quota store: counters shared by every gateway replica.
+
+Each ``admit`` and each ``settle`` is one Lua script (``EVALSHA``), so a check and its
+reservation are one atomic step on the server, whatever the number of replicas; time comes
+from the server (``TIME``), never from a replica's clock. The key layout is in
+``gateway.quotas._lua``. Every error of the client (refused connection, timeout, a server
+still loading its data, any other ``RedisError``) surfaces as ``StoreUnavailable``, whose
+message names the error class only: never the URL, its host or its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+import msgspec
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from gateway.quotas import _lua
+from gateway.quotas.store import (
+    Decision,
+    Demand,
+    Dimension,
+    Limits,
+    QuotaStore,
+    Scope,
+    ScopeUsage,
+    StoreUnavailable,
+)
+
+__all__ = ["RedisQuotaStore"]
+
+#: How long a reservation record (and its lease set member) outlives the lease, so that a
+#: late settle still corrects the counters.
+RECORD_MARGIN_S = 300
+#: How long a settled request id stays refused.
+TOMBSTONE_TTL_S = 3600
+#: Seconds between PINGs on a pooled connection that sat idle.
+HEALTH_CHECK_INTERVAL_S = 1
+#: Connections one store opens at most; more calls at once wait for one (a burst of
+#: admissions queues instead of failing).
+MAX_CONNECTIONS = 100
+
+# Dimension codes of the admit script, in check order.
+_DIMENSIONS = (
+    Dimension.MONTHLY_SPEND,
+    Dimension.MONTHLY_TOKENS,
+    Dimension.DAILY_TOKENS,
+    Dimension.CONCURRENCY,
+    Dimension.RPM,
+    Dimension.TPM,
+)
+
+
+class RedisQuotaStore(QuotaStore):
+    """Quota counters in Redis (or a Redis cluster: a partition is one hash slot).
+
+    Args:
+        client: the client to use; the store closes it on ``close()``. Build it without
+            retries and with short socket timeouts, as ``from_url`` does, or an outage
+            stalls every request.
+        window_s: the length of the requests and tokens window, in seconds.
+        prefix: the prefix of every key.
+        op_timeout_s: an overall deadline for one store call, or ``None`` for only the
+            client's socket timeouts.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        window_s: int = 60,
+        prefix: str = "tg:q",
+        op_timeout_s: float | None = None,
+    ) -> None:
+        if window_s < 1:
+            raise ValueError("window_s must be at least 1")
+        self._client = client
+        self._window_s = window_s
+        self._prefix = prefix
+        self._op_timeout_s = op_timeout_s
+        self._admit = client.register_script(_lua.ADMIT)
+        self._settle = client.register_script(_lua.SETTLE)
+        self._usage = client.register_script(_lua.USAGE)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 0.15,
+        window_s: int = 60,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> RedisQuotaStore:
+        """A store on a new client for ``url`` that gives up after ``timeout_s``, never retrying.
+
+        Connecting, each reply and waiting for a free pooled connection take ``timeout_s`` at
+        most each; a whole call, ``2 * timeout_s``. Nothing connects before the first call.
+
+        Raises:
+            ValueError: the URL is not a Redis URL.
+        """
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        )
+        client = redis.asyncio.Redis.from_pool(pool)
+        return cls(client, window_s=window_s, op_timeout_s=2 * timeout_s)
+
+    async def admit(
+        self, partition: str, scopes: Sequence[Scope], demand: Demand, lease_s: float
+    ) -> Decision:
+        _check_admission(partition, scopes, demand, lease_s)
+        base = self._base(partition)
+        keys = [base, *(f"{base}:{scope.name}" for scope in scopes)]
+        args: list[str | int] = [
+            demand.request_id,
+            demand.tokens,
+            demand.spend_nusd,
+            max(1, math.ceil(lease_s * 1000)),
+            self._window_s,
+            RECORD_MARGIN_S * 1000,
+        ]
+        for scope in scopes:
+            args.extend(_limit_args(scope.limits))
+        reply = _ints(await self._run(self._admit, keys, args), 10)
+        admitted, dim, index, retry_ms = reply[:4]
+        return Decision(
+            admitted=bool(admitted),
+            dimension=_DIMENSIONS[dim - 1] if dim else None,
+            scope=scopes[index - 1].name if dim else None,
+            retry_after_s=retry_ms / 1000 if dim else None,
+            limit_requests=_opt(reply[4]),
+            remaining_requests=_opt(reply[5]),
+            reset_requests_s=_opt_s(reply[6]),
+            limit_tokens=_opt(reply[7]),
+            remaining_tokens=_opt(reply[8]),
+            reset_tokens_s=_opt_s(reply[9]),
+        )
+
+    async def settle(self, partition: str, request_id: str, tokens: int, spend_nusd: int) -> bool:
+        _check_settlement(partition, request_id, tokens, spend_nusd)
+        args: list[str | int] = [request_id, tokens, spend_nusd, self._window_s, TOMBSTONE_TTL_S]
+        reply = await self._run(self._settle, [self._base(partition)], args)
+        return reply == 1
+
+    async def usage(self, partition: str, scope: str) -> ScopeUsage:
+        _check_partition(partition)
+        key = f"{self._base(partition)}:{scope}"
+        reply = await self._run(self._usage, [key], [self._window_s, RECORD_MARGIN_S * 1000])
+        values = _ints(reply, 7)
+        return ScopeUsage(
+            requests_in_window=values[0],
+            tokens_in_window=values[1],
+            in_flight=values[2],
+            daily_tokens=values[3],
+            monthly_tokens=values[4],
+            monthly_spend_nusd=values[5],
+            open_reservations=values[6],
+        )
+
+    async def ping(self) -> None:
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _base(self, partition: str) -> str:
+        return f"{self._prefix}:{{{partition}}}"
+
+    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> object:
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                result: object = await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            # TimeoutError (asyncio's deadline, a socket's) is an OSError.
+            raise _unavailable(exc) from exc
+        return result
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    # Only the class name: redis-py's messages carry the host and port.
+    return StoreUnavailable(f"quota store unavailable ({type(exc).__name__})")
+
+
+def _limit_args(limits: Limits) -> list[int]:
+    values = (
+        limits.rpm,
+        limits.tpm,
+        limits.max_concurrency,
+        limits.daily_tokens,
+        limits.monthly_tokens,
+        limits.monthly_spend_nusd,
+    )
+    return [-1 if value is None else value for value in values]
+
+
+def _ints(reply: object, n: int) -> list[int]:
+    if not isinstance(reply, list) or len(reply) != n:
+        raise StoreUnavailable("quota store sent an unexpected reply")
+    return [int(value) for value in reply]
+
+
+def _opt(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+def _opt_s(value_ms: int) -> float | None:
+    return None if value_ms < 0 else value_ms / 1000
+
+
+def _check_partition(partition: str) -> None:
+    if not partition or "{" in partition or "}" in partition:
+        raise ValueError("partition must be non-empty and free of braces")
+
+
+def _check_admission(
+    partition: str, scopes: Sequence[Scope], demand: Demand, lease_s: float
+) -> None:
+    _check_partition(partition)
+    if not demand.request_id:
+        raise ValueError("request_id must be non-empty")
+    if demand.tokens < 0 or demand.spend_nusd < 0:
+        raise ValueError("demand must not be negative")
+    if not lease_s > 0:
+        raise ValueError("lease_s must be positive")
+    if len({scope.name for scope in scopes}) != len(scopes):
+        raise ValueError("scope names must be unique")
+    for scope in scopes:
+        if any(value is not None and value < 0 for value in msgspec.structs.astuple(scope.limits)):
+            raise ValueError("limits must not be negative")
+
+
+def _check_settlement(partition: str, request_id: str, tokens: int, spend_nusd: int) -> None:
+    _check_partition(partition)
+    if not request_id:
+        raise ValueError("request_id must be non-empty")
+    if tokens < 0 or spend_nusd < 0:
+        raise ValueError("usage must not be negative")
