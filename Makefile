@@ -12,8 +12,10 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 
-.PHONY: setup models run test check format bench clean
+.PHONY: setup models run test services check format bench clean
 
 setup: $(STAMP) models
 
@@ -36,12 +38,20 @@ run: setup
 	@echo "Tollgate starting on http://$(HOST):$(PORT)/v1 (models: demo-chat, minilm)."
 	@echo "When it says ready, try:"
 	@echo "  curl http://$(HOST):$(PORT)/v1/chat/completions -H 'content-type: application/json' \\"
+	@echo "    -H \"Authorization: Bearer \$$(cat $(DATA_DIR)/demo-key)\" \\"
 	@echo "    -d '{\"model\": \"demo-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"
-	@echo "or the openai SDK with base_url=\"http://$(HOST):$(PORT)/v1\"."
-	TOLLGATE_DATA_DIR=$(DATA_DIR) $(BIN)/tollgate serve --host $(HOST) --port $(PORT)
+	@echo "or the openai SDK with base_url=\"http://$(HOST):$(PORT)/v1\" and the demo key."
+	TOLLGATE_DATA_DIR=$(DATA_DIR) $(BIN)/tollgate serve --demo --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup services
 	$(BIN)/python -m pytest
+
+# The tests start throwaway Redis and PostgreSQL servers from their binaries when none runs;
+# install the binaries where they are missing (Debian, as root or with sudo).
+services:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(APT) redis-server; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(APT) postgresql; }
 
 check: $(STAMP)
 	$(BIN)/ruff format --check .

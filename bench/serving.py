@@ -225,7 +225,12 @@ def start_gateway(catalog: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "TOLLGATE_DATA_DIR": str(data_dir), "TOLLGATE_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "TOLLGATE_DATA_DIR": str(data_dir),
+        "TOLLGATE_LOG_LEVEL": "WARNING",
+        "TOLLGATE_AUTH": "false",  # the bare serving path; bench/gateway.py measures auth
+    }
     for key in [k for k in env if k.startswith("OTEL_")]:
         del env[key]
     log = open(Path(tempfile.mkdtemp()) / "gateway.log", "wb")  # noqa: SIM115 - lives as long as the process

@@ -9,10 +9,18 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.di import Provide
+from litestar.middleware import DefineMiddleware
 
-from gateway.api import HealthController, OpenAIController
+from gateway.admission import Admission
+from gateway.api import AdminController, HealthController, OpenAIController
+from gateway.auth import Authenticator, AuthMiddleware
+from gateway.credentials import check_admin_token, load_secret
+from gateway.db import AccountStore, make_engine, upgrade
 from gateway.errors import exception_handlers
 from gateway.middleware import add_request_id
+from gateway.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
+from gateway.quotas.watchdog import StoreWatchdog
+from gateway.services import Services
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry, setup_telemetry
 from serving import EngineHost, load_catalog
@@ -36,11 +44,26 @@ def create_app(
 
     Raises:
         CatalogError: the models file is wrong; the message names the entry.
+        SettingsError: a setting is missing or unsafe (the admin token, the secret).
     """
+    admin_token = check_admin_token(settings.admin_token) if settings.auth else ""
+    secret = load_secret(settings)
     if host is None:
         host = EngineHost(load_catalog(settings.models_path, settings.data_path))
     telemetry = telemetry or setup_telemetry()
     startup: dict[str, str | None] = {"error": None}
+    accounts = AccountStore(make_engine(settings.database))
+    store: QuotaStore = (
+        # The client's own timeouts are a hard cap; admission gives up sooner, as soon as
+        # the watchdog finds the store silent for quota_timeout_ms.
+        RedisQuotaStore.from_url(settings.redis_url, timeout_s=5.0)
+        if settings.redis_url
+        else MemoryQuotaStore()
+    )
+    authenticator = Authenticator(
+        accounts, secret=secret, admin_token=admin_token, cache_s=settings.key_cache_s
+    )
+    services_box: dict[str, Services] = {}
 
     def started(task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -58,6 +81,30 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        if settings.migrate:
+            await asyncio.to_thread(upgrade, settings.database)
+        watchdog = None
+        if settings.redis_url:
+            watchdog = StoreWatchdog.for_redis(
+                settings.redis_url, timeout_s=settings.quota_timeout_ms / 1000
+            )
+            watchdog.start()
+        admission = Admission(
+            store,
+            telemetry,
+            fail_open=settings.quota_fail_open,
+            lease_s=settings.quota_lease_s,
+            watchdog=watchdog,
+        )
+        services_box["services"] = Services(
+            settings=settings,
+            host=host,
+            telemetry=telemetry,
+            accounts=accounts,
+            admission=admission,
+            authenticator=authenticator,
+            secret=secret,
+        )
         task = asyncio.create_task(host.start())
         task.add_done_callback(started)
         try:
@@ -65,7 +112,9 @@ def create_app(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            await admission.close()
             await host.shutdown()
+            await accounts.close()
             telemetry.shutdown()
 
     def provide_host() -> EngineHost:
@@ -80,9 +129,23 @@ def create_app(
     def provide_startup_error() -> str | None:
         return startup["error"]
 
+    def provide_services() -> Services:
+        return services_box["services"]
+
+    middleware = []
+    handlers: list[type] = [OpenAIController, HealthController]
+    if settings.auth:
+        handlers.append(AdminController)
+        middleware.append(
+            DefineMiddleware(
+                AuthMiddleware, authenticator=authenticator, exclude=[r"^/(healthz|readyz)$"]
+            )
+        )
     return Litestar(
-        route_handlers=[OpenAIController, HealthController],
+        route_handlers=handlers,
+        middleware=middleware,
         dependencies={
+            "services": Provide(provide_services, sync_to_thread=False, use_cache=True),
             "host": Provide(provide_host, sync_to_thread=False, use_cache=True),
             "settings": Provide(provide_settings, sync_to_thread=False, use_cache=True),
             "telemetry": Provide(provide_telemetry, sync_to_thread=False, use_cache=True),

@@ -1,4 +1,4 @@
-"""The ``tollgate`` command: ``serve`` and ``models prepare``."""
+"""The ``tollgate`` command: ``serve``, ``db upgrade`` and ``models prepare``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 __all__ = ["main"]
 
@@ -35,6 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    if args.demo and settings.auth:
+        settings = _demo(settings)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -48,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings, on_ready=on_ready, on_startup_failure=on_failure)
-    except CatalogError as exc:
+    except (CatalogError, SettingsError) as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
     config = uvicorn.Config(
@@ -66,6 +72,54 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     server.run()
     return 1 if failed else 0
+
+
+def _demo(settings: Settings) -> Settings:
+    """Local runs: an admin token kept under the data dir, and a demo tenant and key."""
+    import asyncio
+
+    import msgspec
+
+    from gateway.bootstrap import bootstrap_demo, local_admin_token
+    from gateway.credentials import load_secret
+    from gateway.db import AccountStore, make_engine, upgrade
+
+    if not settings.admin_token:
+        settings = msgspec.structs.replace(
+            settings, admin_token=local_admin_token(settings.data_path)
+        )
+        print(f"Admin token: in {settings.data_path / 'admin-token'}", flush=True)
+    upgrade(settings.database)
+
+    async def run() -> str | None:
+        accounts = AccountStore(make_engine(settings.database))
+        try:
+            return await bootstrap_demo(accounts, load_secret(settings), settings.data_path)
+        finally:
+            await accounts.close()
+
+    created = asyncio.run(run())
+    key_file = settings.data_path / "demo-key"
+    if created is not None:
+        print(f"Created tenant `demo` with API key: {created}", flush=True)
+    elif key_file.exists():
+        print(f"Demo API key: {key_file.read_text().strip()}", flush=True)
+    return settings
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from gateway.db import redact_url, upgrade
+    from gateway.settings import Settings, SettingsError
+
+    _setup_logging("INFO")
+    try:
+        settings = Settings.from_env(data_dir=args.data_dir)
+    except SettingsError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    upgrade(settings.database)
+    print(f"database at head: {redact_url(settings.database)}")
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -89,7 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (TOLLGATE_PORT, default 8000)")
     serve.add_argument("--models", "--config", dest="models", help="models file (TOLLGATE_MODELS)")
     serve.add_argument("--data-dir", help="data directory (TOLLGATE_DATA_DIR, default .tollgate)")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="local runs: keep an admin token under the data dir and make a demo tenant and key "
+        "on an empty database",
+    )
     serve.set_defaults(func=_serve)
+
+    db = commands.add_parser("db", help="manage the database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_commands.add_parser("upgrade", help="migrate TOLLGATE_DATABASE_URL to head")
+    db_upgrade.add_argument("--data-dir", help="data directory (default .tollgate)")
+    db_upgrade.set_defaults(func=_db_upgrade)
 
     models = commands.add_parser("models", help="manage local models")
     model_commands = models.add_subparsers(dest="models_command", required=True)

@@ -5,7 +5,12 @@ Exceptions::
     APIError                      an error the client sees, with its status code
     ├── InvalidRequest            400: the request is malformed; fix it before retrying
     ├── ModelNotFound             404: no such model
+    ├── Unauthenticated           401: no key, a malformed, unknown, revoked or expired key
+    ├── PermissionDenied          403: the key may not do this (admin route, model not allowed)
+    ├── NotFound                  404: no such object, or not one the caller may see
     ├── RequestTooLarge           413: the body is larger than allowed
+    ├── Conflict                  409: the change clashes with the current state
+    ├── RateLimited               429: a rate limit or a budget is spent; retry after `retry-after`
     └── ServiceUnavailable        503: overloaded or a dependency is down; retry later
 """
 
@@ -21,10 +26,15 @@ from litestar.types import ExceptionHandlersMap
 
 __all__ = [
     "APIError",
+    "Conflict",
     "InvalidRequest",
     "ModelNotFound",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
     "RequestTooLarge",
     "ServiceUnavailable",
+    "Unauthenticated",
     "error_response",
     "exception_handlers",
 ]
@@ -39,10 +49,18 @@ class APIError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers
         if code is not None:
             self.code = code
 
@@ -71,6 +89,41 @@ class ModelNotFound(APIError):
         super().__init__(
             f"The model `{model}` does not exist or you do not have access to it.", param="model"
         )
+
+
+class Unauthenticated(APIError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(APIError):
+    status_code = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RateLimited(APIError):
+    """429: ``rate_limit_exceeded`` (a rate limit) or ``insufficient_quota`` (a budget)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, budget: bool, headers: dict[str, str]) -> None:
+        code = "insufficient_quota" if budget else "rate_limit_exceeded"
+        super().__init__(message, code=code, headers=headers)
+        self.type = "insufficient_quota" if budget else "requests"
 
 
 class RequestTooLarge(APIError):
@@ -105,7 +158,7 @@ def error_response(exc: APIError, headers: dict[str, str] | None = None) -> Resp
 
 
 def _api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[bytes]:
-    return error_response(exc)
+    return error_response(exc, headers=exc.headers)
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

@@ -1,4 +1,5 @@
-"""Every HTTP response carries ``x-request-id``, errors from routing included."""
+"""Every HTTP response carries ``x-request-id`` (errors from routing included) and the
+headers that admission left for it (``x-ratelimit-*``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from litestar.types import Message, Scope
 
-__all__ = ["add_request_id", "new_request_id", "request_id_of"]
+__all__ = ["add_request_id", "add_response_headers", "new_request_id", "request_id_of"]
 
 
 def new_request_id() -> str:
@@ -27,9 +28,20 @@ def request_id_of(scope: Scope | Any) -> str:
     return str(request_id)
 
 
+def add_response_headers(scope: Scope | Any, headers: dict[str, str]) -> None:
+    """Headers for whatever response this request ends with, error or not."""
+    scope.setdefault("state", {}).setdefault("response_headers", {}).update(headers)
+
+
 async def add_request_id(message: Message, scope: Scope) -> None:
     """A ``before_send`` hook: litestar calls it for every message, router errors included."""
     if message["type"] == "http.response.start":
         headers = list(message.get("headers", ()))
         headers.append((b"x-request-id", request_id_of(scope).encode()))
+        extra: dict[str, str] | None = scope.get("state", {}).get("response_headers")
+        if extra:
+            present = {name.lower() for name, _ in headers}
+            headers.extend(
+                (k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in present
+            )
         message["headers"] = headers

@@ -17,6 +17,9 @@ class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
+_SECRET_FIELDS = frozenset({"admin_token", "secret"})
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the gateway is configured with."""
 
@@ -33,10 +36,54 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_messages: int = 2048
     max_embedding_inputs: int = 2048
     log_level: str = "INFO"
+    #: Tenants, keys and quota policies; SQLite under the data dir when unset.
+    database_url: str | None = None
+    #: The shared quota store; unset means an in-process store (one replica only).
+    redis_url: str | None = None
+    #: The operator's token for ``/admin/v1``; required, and refused when weak or well known.
+    admin_token: str | None = None
+    #: Keys are stored as HMACs under this secret; every replica must share it. Unset: one
+    #: is made and kept under the data dir (the embedded default).
+    secret: str | None = None
+    #: ``false`` turns off keys and quotas altogether (benchmarks of the bare path only).
+    auth: bool = True
+    #: What rate limits do when the quota store is down or slow (budgets always fail closed).
+    quota_fail_open: bool = True
+    #: How long admission waits for the quota store before treating it as down.
+    quota_timeout_ms: int = 150
+    #: How long an unsettled reservation holds a concurrency slot (a replica died mid-request).
+    quota_lease_s: int = 900
+    #: How long a key lookup is trusted; a revoked key stops working within this.
+    key_cache_s: float = 1.0
+    #: Run database migrations at start-up.
+    migrate: bool = True
+
+    def __repr__(self) -> str:
+        shown = {
+            f: ("***" if f in _SECRET_FIELDS and v else v)
+            for f, v in msgspec.structs.asdict(self).items()
+        }
+        if self.database_url:
+            from gateway.db import redact_url
+
+            shown["database_url"] = redact_url(self.database_url)
+        if self.redis_url:
+            from gateway.db import redact_url
+
+            shown["redis_url"] = redact_url(self.redis_url)
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    __str__ = __repr__
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_path / 'tollgate.db'}"
 
     @property
     def models_path(self) -> Path:

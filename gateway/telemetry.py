@@ -98,6 +98,22 @@ class Telemetry:
         self.errors = meter.create_counter(
             "tollgate.errors", unit="{request}", description="Requests that ended in an error."
         )
+        self.admissions = meter.create_counter(
+            "tollgate.quota.admissions",
+            unit="{request}",
+            description="Quota admissions by outcome (admitted, rate_limited, insufficient_quota, "
+            "store_down_open, store_down_closed).",
+        )
+        self.quota_store_errors = meter.create_counter(
+            "tollgate.quota.store_errors",
+            unit="{call}",
+            description="Quota store calls that failed or timed out, by operation.",
+        )
+        self.pending_settlements = meter.create_up_down_counter(
+            "tollgate.quota.pending_settlements",
+            unit="{reservation}",
+            description="Settlements waiting for the quota store to come back.",
+        )
 
     @property
     def enabled(self) -> bool:

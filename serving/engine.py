@@ -162,6 +162,14 @@ class ModelEngine(abc.ABC):
         models get the ones they were trained with around each input.
         """
 
+    @abc.abstractmethod
+    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+        """Check a prompt and its output budget before any work is queued for it.
+
+        Raises:
+            InvalidPrompt: empty, token ids outside the vocabulary, or longer than the context.
+        """
+
 
 class GenerationEngine(ModelEngine):
     """A model that continues prompts."""

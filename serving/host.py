@@ -50,7 +50,8 @@ class EngineHost:
         from serving.vllm_engine import configure_cpu_binding
 
         self.catalog = catalog
-        self._cpus = cpus = configure_cpu_binding()
+        # Nothing to split the cores for without engines (and no thread to pin).
+        self._cpus = cpus = configure_cpu_binding() if catalog.models else None
         self._engines: dict[str, ModelEngine] = {
             spec.name: make_engine(spec, cpus) for spec in catalog
         }

@@ -254,18 +254,20 @@ class _VllmEngine(ModelEngine):
             raise EngineDead(f"model {self.spec.name!r} engine has stopped")
         return llm, self._tokenizer
 
-    def _check_prompt(self, prompt: list[int], extra: int) -> None:
+    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+        self._require()
         if not prompt:
             raise InvalidPrompt("the prompt is empty", param="messages")
         if min(prompt) < 0 or max(prompt) >= self._vocab_size:
             raise InvalidPrompt(
                 f"token ids must lie in [0, {self._vocab_size}) for this model", param="prompt"
             )
-        if len(prompt) + extra > self._max_model_len:
+        if len(prompt) + max_tokens > self._max_model_len:
             raise InvalidPrompt(
                 f"this model's maximum context length is {self._max_model_len} tokens; "
-                f"the request asks for {len(prompt)} prompt tokens and {extra} output tokens",
-                param="max_tokens" if extra else "input",
+                f"the request asks for {len(prompt)} prompt tokens and {max_tokens} output "
+                "tokens",
+                param="max_tokens" if max_tokens else "input",
                 too_long=True,
             )
 
@@ -329,7 +331,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
         llm, _ = self._require()
-        self._check_prompt(prompt, options.max_tokens)
+        self.check_prompt(prompt, options.max_tokens)
         params = self._sampling_params(options, stream=stream)
         return self._run(llm, prompt, params, request_id, options.logprobs)
 
@@ -398,7 +400,7 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
 
         llm, _ = self._require()
         for ids in inputs:
-            self._check_prompt(ids, 0)
+            self.check_prompt(ids, 0)
 
         async def one(i: int, ids: list[int]) -> bytes:
             final = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -19,6 +20,10 @@ import openai
 import pytest
 
 from serving.demo import prepare_demo_models
+from tests.support.admin import Admin
+from tests.support.postgres_server import PostgresServer, postgres_server
+from tests.support.redis_server import RedisServer
+from tests.support.redis_server import redis_server as start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("TOLLGATE_TEST_START_TIMEOUT", "900"))
@@ -92,73 +97,162 @@ def data_dir() -> Path:
     return path
 
 
+@dataclass
+class Deployment:
+    """What every gateway replica of the test run shares: stores, secrets, telemetry."""
+
+    env: dict[str, str]
+    admin_token: str
+    redis: RedisServer
+    database_url: str
+    #: Every secret the run issued (keys, the admin token), to search logs and spans for.
+    secrets: list[str]
+    gateways: list[Gateway] = field(default_factory=list)
+    #: Bodies of the error responses the shared clients received.
+    error_bodies: list[str] = field(default_factory=list)
+
+    def record_errors(self, response: httpx.Response) -> None:
+        """An httpx response hook: keep every error body."""
+        if response.status_code >= 400:
+            response.read()
+            self.error_bodies.append(response.text)
+
+
 @pytest.fixture(scope="session")
-def gateway(
-    data_dir: Path, otlp_collector: Collector, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+def redis_server() -> Iterator[RedisServer]:
+    with start_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def deployment(
+    data_dir: Path,
+    otlp_collector: Collector,
+    redis_server: RedisServer,
+    postgres: PostgresServer,
+) -> Iterator[Deployment]:
+    """The shared deployment: Redis for quotas, PostgreSQL for accounts, one secret."""
+    admin_token = "tga_" + secrets.token_urlsafe(24)
+    with postgres.database() as database_url:
+        env = {
+            **os.environ,
+            "TOLLGATE_DATA_DIR": str(data_dir),
+            "TOLLGATE_MAX_BODY_BYTES": str(1024 * 1024),
+            "TOLLGATE_REDIS_URL": redis_server.url,
+            "TOLLGATE_DATABASE_URL": database_url,
+            "TOLLGATE_ADMIN_TOKEN": admin_token,
+            "TOLLGATE_SECRET": secrets.token_urlsafe(32),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.url,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            "OTEL_SERVICE_NAME": "tollgate-test",
+        }
+        yield Deployment(env, admin_token, redis_server, database_url, [admin_token])
+
+
+def start_gateway(
+    deployment: Deployment, log_path: Path, *extra_args: str, **extra_env: str
+) -> Gateway:
+    """Start one gateway replica of the deployment; wait for it with ``wait_ready``."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    env = {
-        **os.environ,
-        "TOLLGATE_DATA_DIR": str(data_dir),
-        "TOLLGATE_MAX_BODY_BYTES": str(1024 * 1024),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.url,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "200",
-        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
-        "OTEL_SERVICE_NAME": "tollgate-test",
-    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", str(port)],
+            [sys.executable, "-m", "gateway", "serve", "--port", str(port), *extra_args],
             cwd=ROOT,
-            env=env,
+            env={**deployment.env, **extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     gw = Gateway(f"http://127.0.0.1:{port}", log_path, process)
+    deployment.gateways.append(gw)
+    return gw
+
+
+def wait_ready(gw: Gateway) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"gateway exited with {process.returncode}:\n{gw.log()[-5000:]}")
-            try:
-                if httpx.get(gw.base_url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"gateway not ready after {START_TIMEOUT_S} s:\n{gw.log()[-5000:]}")
-            time.sleep(0.5)
-        yield gw
-    finally:
-        process.send_signal(signal.SIGTERM)
+    while True:
+        if gw.process.poll() is not None:
+            pytest.fail(f"gateway exited with {gw.process.returncode}:\n{gw.log()[-5000:]}")
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            if httpx.get(gw.base_url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"gateway not ready after {START_TIMEOUT_S} s:\n{gw.log()[-5000:]}")
+        time.sleep(0.5)
+
+
+def stop_gateway(gw: Gateway) -> None:
+    gw.process.send_signal(signal.SIGTERM)
+    try:
+        gw.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(gw.process.pid, signal.SIGKILL)
+        gw.process.wait()
 
 
 @pytest.fixture(scope="session")
-def client(gateway: Gateway) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=gateway.api_url, api_key="unused", max_retries=0) as c:
+def gateway(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(deployment, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    try:
+        wait_ready(gw)
+        yield gw
+    finally:
+        stop_gateway(gw)
+
+
+@pytest.fixture(scope="session")
+def admin(gateway: Gateway, deployment: Deployment) -> Iterator[Admin]:
+    with httpx.Client(
+        base_url=gateway.base_url + "/admin/v1",
+        headers={"authorization": f"Bearer {deployment.admin_token}"},
+        timeout=30,
+        event_hooks={"response": [deployment.record_errors]},
+    ) as c:
+        yield Admin(c, deployment.secrets)
+
+
+@pytest.fixture(scope="session")
+def api_key(admin: Admin) -> str:
+    """A key of a tenant with no limits, for the tests of the API itself."""
+    tenant = admin.tenant("api-tests")
+    return admin.key(tenant, "tests")
+
+
+@pytest.fixture(scope="session")
+def client(gateway: Gateway, api_key: str, deployment: Deployment) -> Iterator[openai.OpenAI]:
+    recorder = httpx.Client(timeout=600, event_hooks={"response": [deployment.record_errors]})
+    with openai.OpenAI(
+        base_url=gateway.api_url, api_key=api_key, max_retries=0, http_client=recorder
+    ) as c:
         yield c
 
 
 @pytest.fixture
-async def aclient(gateway: Gateway) -> openai.AsyncOpenAI:
+async def aclient(gateway: Gateway, api_key: str) -> openai.AsyncOpenAI:
     async with openai.AsyncOpenAI(
-        base_url=gateway.api_url, api_key="unused", max_retries=0, timeout=120
+        base_url=gateway.api_url, api_key=api_key, max_retries=0, timeout=120
     ) as c:
         yield c  # type: ignore[misc]
 
 
 @pytest.fixture(scope="session")
-def http(gateway: Gateway) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.base_url, timeout=60) as c:
+def http(gateway: Gateway, api_key: str, deployment: Deployment) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=gateway.base_url,
+        timeout=60,
+        headers={"authorization": f"Bearer {api_key}"},
+        event_hooks={"response": [deployment.record_errors]},
+    ) as c:
         yield c
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` run after all others (they inspect what the whole run left)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 def engine_stats(http: httpx.Client, model: str) -> dict[str, float]:
@@ -176,3 +270,9 @@ def wait_idle(http: httpx.Client, model: str, timeout: float = 30.0) -> dict[str
         if time.monotonic() > deadline:
             raise AssertionError(f"engine {model} still busy: {stats}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server

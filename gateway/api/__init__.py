@@ -1,6 +1,7 @@
-"""HTTP routes: the OpenAI-compatible API and health checks."""
+"""HTTP routes: the OpenAI-compatible API, the admin API and health checks."""
 
+from gateway.api.admin import AdminController
 from gateway.api.health import HealthController
 from gateway.api.openai import OpenAIController
 
-__all__ = ["HealthController", "OpenAIController"]
+__all__ = ["AdminController", "HealthController", "OpenAIController"]

@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
+from gateway.admission import Ticket
 from gateway.api._render import (
     DONE,
     ChoiceAccumulator,
@@ -40,8 +41,8 @@ _JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
 
 
-def json_response(body: dict[str, Any]) -> Response[bytes]:
-    return Response(content=_encode(body), media_type=_JSON)
+def json_response(body: dict[str, Any], status_code: int = 200) -> Response[bytes]:
+    return Response(content=_encode(body), media_type=_JSON, status_code=status_code)
 
 
 def api_error(exc: ServingError) -> APIError:
@@ -69,6 +70,7 @@ class Generation:
         include_usage: bool,
         obs: Observation,
         stream: bool,
+        ticket: Ticket,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
@@ -77,6 +79,8 @@ class Generation:
         self.request_id = request_id
         self.include_usage = include_usage
         self.obs = obs
+        self.ticket = ticket
+        self._queued = False
         self.created = int(time.time())
         prefix = "chatcmpl-" if flavor == "chat" else "cmpl-"
         self.response_id = prefix + request_id.removeprefix("req_")
@@ -90,6 +94,7 @@ class Generation:
                 engine.generate(prompt, options, f"{request_id}-{i}", stream=stream)
                 for i, prompt in enumerate(prompts)
             ]
+            self._queued = True
         except ServingError as exc:
             self._finish(error=type(exc).__name__)
             raise api_error(exc) from exc
@@ -103,6 +108,11 @@ class Generation:
                 self.finish_reasons.append(finish_reason(choice) or "stop")
 
     def _finish(self, error: str | None = None, outcome: str = "ok") -> None:
+        # Quota settles to what the engine worked on: nothing if it never took the request.
+        if self._queued:
+            self.ticket.settle(self.usage.prompt_tokens, self.usage.completion_tokens)
+        else:
+            self.ticket.settle(0, 0)
         self.obs.finish(
             input_tokens=self.usage.prompt_tokens,
             output_tokens=self.usage.completion_tokens,

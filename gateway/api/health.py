@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 
 from serving import EngineHost
 
@@ -19,7 +20,9 @@ class HealthController(Controller):
         return Response(content=b'{"status":"ok"}', media_type="application/json")
 
     @get("/readyz")
-    async def readyz(self, host: EngineHost, startup_error: str | None) -> Response[bytes]:
+    async def readyz(
+        self, host: NamedDependency[EngineHost], startup_error: NamedDependency[str | None]
+    ) -> Response[bytes]:
         """Ready only when every configured engine is; the body has each engine's figures."""
         stats = host.stats()
         ready = startup_error is None and all(s.ready for s in stats.values())

@@ -8,7 +8,10 @@ import time
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
+from gateway.admission import Ticket
 from gateway.api._generation import Generation, api_error, json_response
 from gateway.api._render import Flavor
 from gateway.api.schemas import (
@@ -18,9 +21,11 @@ from gateway.api.schemas import (
     TextOrTokens,
     decode,
 )
-from gateway.errors import InvalidRequest, ModelNotFound
-from gateway.middleware import request_id_of
+from gateway.auth import Principal, principal_of
+from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.middleware import add_response_headers, request_id_of
 from gateway.observe import Observation
+from gateway.services import Services
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry
 from serving import (
@@ -33,10 +38,49 @@ from serving import (
 __all__ = ["OpenAIController"]
 
 
-def _generation_engine(host: EngineHost, model: str) -> GenerationEngine:
+def _check_allowed(request: Request[Any, Any, Any], model: str) -> Principal | None:
+    principal = principal_of(request.scope)
+    if principal is not None and principal.operator:
+        # Work must land on a tenant's bill: the operator's token is for /admin/v1 only.
+        raise PermissionDenied(
+            "The admin token cannot call models; use an API key of a tenant.",
+            code="admin_token_not_allowed",
+        )
+    if principal is not None and not principal.may_use(model):
+        raise PermissionDenied(
+            f"This API key may not use the model `{model}`.",
+            param="model",
+            code="model_not_allowed",
+        )
+    return principal
+
+
+async def _admit(
+    request: Request[Any, Any, Any],
+    services: Services,
+    model: str,
+    prompt_tokens: int,
+    max_output_tokens: int,
+) -> Ticket:
+    """Reserve quota for this request; its ``x-ratelimit-*`` headers go on any answer."""
+    ticket = await services.admission.admit(
+        principal_of(request.scope),
+        request_id_of(request.scope),
+        model,
+        prompt_tokens,
+        max_output_tokens,
+    )
+    add_response_headers(request.scope, ticket.headers)
+    return ticket
+
+
+def _generation_engine(
+    request: Request[Any, Any, Any], host: NamedDependency[EngineHost], model: str
+) -> GenerationEngine:
     engine = host.get(model)
     if engine is None:
         raise ModelNotFound(model)
+    _check_allowed(request, engine.name)
     if not isinstance(engine, GenerationEngine):
         raise InvalidRequest(
             f"The model `{model}` is an embedding model; use /v1/embeddings.",
@@ -46,7 +90,7 @@ def _generation_engine(host: EngineHost, model: str) -> GenerationEngine:
     return engine
 
 
-def _check_n(n: int, settings: Settings) -> None:
+def _check_n(n: int, settings: NamedDependency[Settings]) -> None:
     if n > settings.max_n:
         raise InvalidRequest(f"n must be at most {settings.max_n}.", param="n")
 
@@ -77,12 +121,13 @@ class OpenAIController(Controller):
     async def chat_completions(
         self,
         request: Request[Any, Any, Any],
-        host: EngineHost,
-        settings: Settings,
-        telemetry: Telemetry,
+        host: NamedDependency[EngineHost],
+        settings: NamedDependency[Settings],
+        telemetry: NamedDependency[Telemetry],
+        services: NamedDependency[Services],
     ) -> Response[Any]:
         req = decode(await request.body(), ChatCompletionRequest)
-        engine = _generation_engine(host, req.model)
+        engine = _generation_engine(request, host, req.model)
         _check_n(req.n, settings)
         if len(req.messages) > settings.max_messages:
             raise InvalidRequest(
@@ -101,19 +146,20 @@ class OpenAIController(Controller):
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
         return await self._start(
-            "chat", request, engine, [prompt], req, max_tokens, logprobs, telemetry
+            "chat", request, engine, [prompt], req, max_tokens, logprobs, telemetry, services
         )
 
     @post("/completions", status_code=200)
     async def completions(
         self,
         request: Request[Any, Any, Any],
-        host: EngineHost,
-        settings: Settings,
-        telemetry: Telemetry,
+        host: NamedDependency[EngineHost],
+        settings: NamedDependency[Settings],
+        telemetry: NamedDependency[Telemetry],
+        services: NamedDependency[Services],
     ) -> Response[Any]:
         req = decode(await request.body(), CompletionRequest)
-        engine = _generation_engine(host, req.model)
+        engine = _generation_engine(request, host, req.model)
         _check_n(req.n, settings)
         if req.echo:
             raise InvalidRequest("echo is not supported.", param="echo")
@@ -131,7 +177,7 @@ class OpenAIController(Controller):
         except ServingError as exc:
             raise api_error(exc) from exc
         return await self._start(
-            "text", request, engine, prompts, req, req.max_tokens, req.logprobs, telemetry
+            "text", request, engine, prompts, req, req.max_tokens, req.logprobs, telemetry, services
         )
 
     async def _start(
@@ -144,10 +190,16 @@ class OpenAIController(Controller):
         max_tokens: int | None,
         logprobs: int | None,
         telemetry: Telemetry,
+        services: Services,
     ) -> Response[Any]:
         longest = max(len(p) for p in prompts)
         if max_tokens is None:
             max_tokens = max(engine.max_model_len - longest, 1)
+        try:
+            for prompt in prompts:  # before admission: a bad request reserves nothing
+                engine.check_prompt(prompt, max_tokens)
+        except ServingError as exc:
+            raise api_error(exc) from exc
         options = SamplingOptions(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -160,7 +212,14 @@ class OpenAIController(Controller):
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
         )
-        request_id = request_id_of(request.scope)
+        ticket = await _admit(
+            request,
+            services,
+            engine.name,
+            sum(len(p) for p in prompts),
+            max_tokens * req.n * len(prompts),
+        )
+        request_id = ticket.request_id
         obs = Observation(
             telemetry,
             "chat" if flavor == "chat" else "text_completion",
@@ -183,6 +242,7 @@ class OpenAIController(Controller):
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             obs=obs,
             stream=req.stream,
+            ticket=ticket,
         )
         if req.stream:
             return await gen.open_stream()
@@ -192,14 +252,16 @@ class OpenAIController(Controller):
     async def embeddings(
         self,
         request: Request[Any, Any, Any],
-        host: EngineHost,
-        settings: Settings,
-        telemetry: Telemetry,
+        host: NamedDependency[EngineHost],
+        settings: NamedDependency[Settings],
+        telemetry: NamedDependency[Telemetry],
+        services: NamedDependency[Services],
     ) -> Response[bytes]:
         req = decode(await request.body(), EmbeddingRequest)
         engine = host.get(req.model)
         if engine is None:
             raise ModelNotFound(req.model)
+        _check_allowed(request, engine.name)
         from serving import EmbeddingEngine
 
         if not isinstance(engine, EmbeddingEngine):
@@ -209,18 +271,25 @@ class OpenAIController(Controller):
                 code="model_not_supported",
             )
         inputs = _embedding_inputs(req.input, settings.max_embedding_inputs)
-        request_id = request_id_of(request.scope)
-        obs = Observation(telemetry, "embeddings", engine.name, request_id)
         try:
             token_lists = [engine.tokenize(i) if isinstance(i, str) else i for i in inputs]
+        except ServingError as exc:
+            raise api_error(exc) from exc
+        ticket = await _admit(request, services, engine.name, sum(map(len, token_lists)), 0)
+        request_id = ticket.request_id
+        obs = Observation(telemetry, "embeddings", engine.name, request_id)
+        try:
             with obs.engine_span("engine.embed"):
                 batch = await engine.embed(token_lists, request_id)
         except ServingError as exc:
+            ticket.settle(0, 0)
             obs.finish(error=type(exc).__name__)
             raise api_error(exc) from exc
         except BaseException as exc:
+            ticket.settle(sum(map(len, token_lists)), 0)
             obs.finish(error=type(exc).__name__, outcome="aborted")
             raise
+        ticket.settle(batch.prompt_tokens, 0)
         if req.dimensions is not None and req.dimensions != batch.dimensions:
             obs.finish(error="InvalidRequest")
             raise InvalidRequest(
@@ -250,15 +319,27 @@ class OpenAIController(Controller):
         )
 
     @get("/models")
-    async def list_models(self, host: EngineHost) -> Response[bytes]:
-        return json_response(
-            {"object": "list", "data": [_model_card(s.name) for s in host.catalog]}
-        )
+    async def list_models(
+        self, request: Request[Any, Any, Any], host: NamedDependency[EngineHost]
+    ) -> Response[bytes]:
+        principal = principal_of(request.scope)
+        cards = [
+            _model_card(s.name)
+            for s in host.catalog
+            if principal is None or principal.may_use(s.name)
+        ]
+        return json_response({"object": "list", "data": cards})
 
     @get("/models/{model_id:path}")
-    async def get_model(self, model_id: str, host: EngineHost) -> Response[bytes]:
+    async def get_model(
+        self,
+        model_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        host: NamedDependency[EngineHost],
+    ) -> Response[bytes]:
         spec = host.catalog.get(model_id.lstrip("/"))
-        if spec is None:
+        principal = principal_of(request.scope)
+        if spec is None or (principal is not None and not principal.may_use(spec.name)):
             raise ModelNotFound(model_id.lstrip("/"))
         return json_response(_model_card(spec.name))
 

@@ -41,7 +41,9 @@ def test_client_disconnect_mid_stream_frees_the_engine_slot(
     gateway: Gateway, http: httpx.Client
 ) -> None:
     before = wait_idle(http, MODEL)
-    clients = [httpx.Client(base_url=gateway.base_url, timeout=60) for _ in range(3)]
+    clients = [
+        httpx.Client(base_url=gateway.base_url, timeout=60, headers=http.headers) for _ in range(3)
+    ]
     responses = []
     readers = []  # keep each line iterator alive: a collected one closes its connection
     try:
@@ -94,7 +96,7 @@ def test_client_disconnect_before_a_non_streamed_answer_aborts_it(
         "max_tokens": 1900,
         "ignore_eos": True,
     }
-    with httpx.Client(base_url=gateway.base_url, timeout=0.5) as c:
+    with httpx.Client(base_url=gateway.base_url, timeout=0.5, headers=http.headers) as c:
         try:
             c.post("/v1/completions", json=body)
         except httpx.ReadTimeout:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,11 @@ def test_serve_refuses_a_catalog_entry_with_a_missing_path(tmp_path: Path) -> No
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--models", str(path), "--port", "1"],
         cwd=ROOT,
+        env={
+            **os.environ,
+            "TOLLGATE_ADMIN_TOKEN": "tga_" + secrets.token_urlsafe(24),
+            "TOLLGATE_DATA_DIR": str(tmp_path),
+        },
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,0 +1,393 @@
+"""The admin API under ``/admin/v1``: tenants, keys and quotas.
+
+Callers: the operator (``TOLLGATE_ADMIN_TOKEN``) sees and changes everything; an admin-role
+key manages its own tenant's keys and key quotas but cannot create or delete tenants or change
+its tenant's quota; any other key gets 403. Objects of another tenant answer 404 with the same
+body as a missing id, so ids cannot be probed. Bodies are closed: a field the route does not
+take (``tenant_id``, ``role`` on a quota, ...) is a 400, never silently applied.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post, put
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import FromPath
+
+from gateway import db
+from gateway.api._generation import json_response
+from gateway.auth import Principal, principal_of
+from gateway.db import ApiKey, QuotaPolicy, Tenant
+from gateway.errors import (
+    APIError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    error_response,
+)
+from gateway.services import Services
+
+__all__ = ["AdminController"]
+
+T = TypeVar("T")
+
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class TenantCreate(msgspec.Struct, forbid_unknown_fields=True):
+    name: _Name
+
+
+class TenantUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    name: _Name
+
+
+class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: _Name
+    models: list[str] | None = None
+    #: Unix seconds or an RFC 3339 time.
+    expires_at: int | datetime | None = None
+    role: Literal["user", "admin"] = "user"
+
+
+class QuotaPut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A whole quota policy; a field left out or null is unlimited."""
+
+    rpm: _Count | None = None
+    tpm: _Count | None = None
+    max_concurrency: _Count | None = None
+    daily_tokens: _Count | None = None
+    monthly_tokens: _Count | None = None
+    #: USD as a string ("12.50"); a JSON number is read from its text, never through a float.
+    monthly_spend_usd: Decimal | None = None
+
+
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+def _decode(body: bytes, kind: type[T]) -> T:
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        unknown = _UNKNOWN.search(message)
+        if unknown:
+            field = unknown.group(1)
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {field}", param=field
+            ) from exc
+        param = None
+        if " - at `$." in message:
+            message, _, path = message.partition(" - at `$.")
+            param = path.rstrip("`")
+        raise InvalidRequest(f"Invalid request: {message}", param=param) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
+
+
+def _ts(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def _tenant_body(tenant: Tenant) -> dict[str, Any]:
+    return {
+        "id": tenant.id,
+        "object": "organization.tenant",
+        "name": tenant.name,
+        "created_at": _ts(tenant.created_at),
+    }
+
+
+def _key_body(key: ApiKey, plaintext: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": key.id,
+        "object": "organization.api_key",
+        "tenant_id": key.tenant_id,
+        "name": key.name,
+        "role": key.role,
+        "models": key.models,
+        "redacted_value": f"{key.prefix}...{key.last4}",
+        "created_at": _ts(key.created_at),
+        "expires_at": _ts(key.expires_at),
+        "revoked_at": _ts(key.revoked_at),
+    }
+    if plaintext is not None:
+        body["value"] = plaintext
+    return body
+
+
+def _quota_body(tenant_id: str, key_id: str | None, policy: QuotaPolicy | None) -> dict[str, Any]:
+    spend = None if policy is None else policy.monthly_spend_usd
+    return {
+        "object": "organization.quota",
+        "tenant_id": tenant_id,
+        "key_id": key_id,
+        "rpm": None if policy is None else policy.rpm,
+        "tpm": None if policy is None else policy.tpm,
+        "max_concurrency": None if policy is None else policy.max_concurrency,
+        "daily_tokens": None if policy is None else policy.daily_tokens,
+        "monthly_tokens": None if policy is None else policy.monthly_tokens,
+        "monthly_spend_usd": None if spend is None else str(spend),
+    }
+
+
+def _require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    principal = principal_of(connection.scope)
+    if principal is None or not principal.is_admin:
+        raise PermissionDenied(
+            "This API key may not use the admin API; use the admin token or an admin key."
+        )
+
+
+def _caller(request: Request[Any, Any, Any]) -> Principal:
+    principal = principal_of(request.scope)
+    if principal is None:  # the guard has run: this cannot be reached
+        raise PermissionDenied("Authentication is required for the admin API.")
+    return principal
+
+
+def _operator_only(principal: Principal, what: str) -> None:
+    if not principal.operator:
+        raise PermissionDenied(f"Only the operator may {what}.")
+
+
+def _not_found(kind: str, object_id: str) -> NotFound:
+    return NotFound(f"No {kind} with id '{object_id}'.", param="id")
+
+
+def _account_error(_: Request[Any, Any, Any], exc: db.AccountError) -> Response[bytes]:
+    error: APIError
+    if isinstance(exc, db.NotFound):
+        error = NotFound(str(exc))
+    elif isinstance(exc, db.Conflict):
+        error = Conflict(str(exc))
+    else:
+        error = InvalidRequest(str(exc))
+    return error_response(error)
+
+
+class AdminController(Controller):
+    path = "/admin/v1"
+    guards = [_require_admin]  # noqa: RUF012 (litestar reads it as a class attribute)
+    exception_handlers = {db.AccountError: _account_error}  # noqa: RUF012 (as above)
+
+    async def _tenant(
+        self, services: NamedDependency[Services], principal: Principal, tenant_id: str
+    ) -> Tenant:
+        """The tenant if the caller may see it; else 404, the same as a missing id."""
+        if not principal.operator and principal.tenant_id != tenant_id:
+            raise _not_found("tenant", tenant_id)
+        try:
+            tenant = await services.accounts.get_tenant(tenant_id)
+        except db.NotFound:
+            raise _not_found("tenant", tenant_id) from None
+        if tenant.deleted_at is not None:
+            raise _not_found("tenant", tenant_id)
+        return tenant
+
+    async def _key(
+        self, services: NamedDependency[Services], principal: Principal, key_id: str
+    ) -> ApiKey:
+        try:
+            key = await services.accounts.get_key(key_id)
+        except db.NotFound:
+            raise _not_found("key", key_id) from None
+        if not principal.operator and key.tenant_id != principal.tenant_id:
+            raise _not_found("key", key_id)
+        await self._tenant(services, principal, key.tenant_id)
+        return key
+
+    # Tenants
+
+    @post("/tenants", status_code=201)
+    async def create_tenant(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services]
+    ) -> Response[bytes]:
+        _operator_only(_caller(request), "create tenants")
+        body = _decode(await request.body(), TenantCreate)
+        tenant = await services.accounts.create_tenant(body.name)
+        return json_response(_tenant_body(tenant), status_code=201)
+
+    @get("/tenants")
+    async def list_tenants(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services]
+    ) -> Response[bytes]:
+        principal = _caller(request)
+        only = None if principal.operator else principal.tenant_id
+        tenants = await services.accounts.list_tenants(tenant_id=only)
+        return json_response({"object": "list", "data": [_tenant_body(t) for t in tenants]})
+
+    @get("/tenants/{tenant_id:str}")
+    async def get_tenant(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        tenant = await self._tenant(services, _caller(request), tenant_id)
+        return json_response(_tenant_body(tenant))
+
+    @patch("/tenants/{tenant_id:str}")
+    async def update_tenant(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        await self._tenant(services, _caller(request), tenant_id)
+        body = _decode(await request.body(), TenantUpdate)
+        tenant = await services.accounts.rename_tenant(tenant_id, body.name)
+        return json_response(_tenant_body(tenant))
+
+    @delete("/tenants/{tenant_id:str}", status_code=200)
+    async def delete_tenant(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        principal = _caller(request)
+        await self._tenant(services, principal, tenant_id)
+        _operator_only(principal, "delete tenants")
+        await services.accounts.delete_tenant(tenant_id)
+        services.authenticator.forget()
+        return json_response({"id": tenant_id, "object": "organization.tenant", "deleted": True})
+
+    # Keys
+
+    @post("/tenants/{tenant_id:str}/keys", status_code=201)
+    async def create_key(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        await self._tenant(services, _caller(request), tenant_id)
+        body = _decode(await request.body(), KeyCreate)
+        expires_at: datetime | None
+        if isinstance(body.expires_at, int):
+            expires_at = datetime.fromtimestamp(body.expires_at, UTC)
+        elif body.expires_at is not None:
+            if body.expires_at.tzinfo is None:
+                raise InvalidRequest("expires_at needs a time zone.", param="expires_at")
+            expires_at = body.expires_at.astimezone(UTC)
+        else:
+            expires_at = None
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise InvalidRequest("expires_at is in the past.", param="expires_at")
+        if body.models is not None:
+            unknown = [m for m in body.models if services.host.catalog.get(m) is None]
+            if unknown:
+                raise InvalidRequest(f"Unknown model(s): {', '.join(unknown)}.", param="models")
+            models: list[str] | None = sorted(
+                {spec.name for m in body.models if (spec := services.host.catalog.get(m))}
+            )
+        else:
+            models = None
+        key, plaintext = await services.accounts.create_key(
+            tenant_id,
+            name=body.name,
+            role=body.role,
+            models=models,
+            expires_at=expires_at,
+            secret=services.secret,
+        )
+        return json_response(_key_body(key, plaintext), status_code=201)
+
+    @get("/tenants/{tenant_id:str}/keys")
+    async def list_keys(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        await self._tenant(services, _caller(request), tenant_id)
+        keys = await services.accounts.list_keys(tenant_id)
+        return json_response({"object": "list", "data": [_key_body(k) for k in keys]})
+
+    @get("/keys/{key_id:str}")
+    async def get_key(
+        self,
+        key_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        key = await self._key(services, _caller(request), key_id)
+        return json_response(_key_body(key))
+
+    @delete("/keys/{key_id:str}", status_code=200)
+    async def revoke_key(
+        self,
+        key_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        await self._key(services, _caller(request), key_id)
+        key = await services.accounts.revoke_key(key_id)
+        services.authenticator.forget()
+        return json_response(_key_body(key))
+
+    # Quotas
+
+    @get("/tenants/{tenant_id:str}/quota")
+    async def get_tenant_quota(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        await self._tenant(services, _caller(request), tenant_id)
+        policy = await services.accounts.get_quota(tenant_id)
+        return json_response(_quota_body(tenant_id, None, policy))
+
+    @put("/tenants/{tenant_id:str}/quota")
+    async def put_tenant_quota(
+        self,
+        tenant_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        principal = _caller(request)
+        await self._tenant(services, principal, tenant_id)
+        _operator_only(principal, "change a tenant's quota")
+        body = _decode(await request.body(), QuotaPut)
+        policy = await services.accounts.set_quota(tenant_id, None, **msgspec.structs.asdict(body))
+        services.authenticator.forget()
+        return json_response(_quota_body(tenant_id, None, policy))
+
+    @get("/keys/{key_id:str}/quota")
+    async def get_key_quota(
+        self,
+        key_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        key = await self._key(services, _caller(request), key_id)
+        policy = await services.accounts.get_quota(key.tenant_id, key.id)
+        return json_response(_quota_body(key.tenant_id, key.id, policy))
+
+    @put("/keys/{key_id:str}/quota")
+    async def put_key_quota(
+        self,
+        key_id: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        key = await self._key(services, _caller(request), key_id)
+        body = _decode(await request.body(), QuotaPut)
+        policy = await services.accounts.set_quota(
+            key.tenant_id, key.id, **msgspec.structs.asdict(body)
+        )
+        services.authenticator.forget()
+        return json_response(_quota_body(key.tenant_id, key.id, policy))

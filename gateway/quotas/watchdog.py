@@ -1,0 +1,103 @@
+"""Is the quota store answering? Asked from a thread of its own, so the answer is not skewed
+by how busy the event loop is.
+
+A deadline on each store call cannot tell a hung store from a busy gateway: under a burst the
+replies sit behind other work on the event loop, the deadline fires, and healthy traffic is
+refused. The watchdog pings the store on its own connection every ``interval_s``; once a ping
+fails or takes longer than ``timeout_s``, the store is down, and every call waiting on it (and
+every new one) gives up at once. Calls made while the store is up wait as long as they need,
+up to a hard cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+__all__ = ["StoreWatchdog"]
+
+logger = logging.getLogger(__name__)
+
+
+class StoreWatchdog:
+    """Pings the store from a thread; tells the event loop when it goes down or comes back."""
+
+    def __init__(
+        self, ping: Callable[[], object], *, interval_s: float = 0.05, name: str = "store"
+    ) -> None:
+        self._ping = ping
+        self._interval_s = interval_s
+        self._name = name
+        self._up = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._down: asyncio.Future[None] | None = None
+
+    @classmethod
+    def for_redis(cls, url: str, *, timeout_s: float) -> StoreWatchdog:
+        """A watchdog on its own synchronous connection to the Redis at ``url``."""
+        import redis
+
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=None
+        )
+        return cls(client.ping, name="redis")
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    def start(self) -> None:
+        """Start watching; call from the event loop that will wait on ``down``."""
+        self._loop = asyncio.get_running_loop()
+        self._down = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=f"{self._name}-watchdog")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def down(self) -> asyncio.Future[None]:
+        """A future that completes when the store is found down (already done if it is)."""
+        if self._down is None:
+            self._down = asyncio.get_running_loop().create_future()
+        return self._down
+
+    def _run(self) -> None:
+        # Off the event loop's core, if it has one: a busy loop must not look like a dead store.
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        while not self._stop.is_set():
+            try:
+                self._ping()
+            except Exception:
+                self._set(False)
+            else:
+                self._set(True)
+            self._stop.wait(self._interval_s)
+
+    def _set(self, up: bool) -> None:
+        if up == self._up:
+            return
+        self._up = up
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(self._flip, up)
+
+    def _flip(self, up: bool) -> None:
+        if up:
+            logger.info("%s answers again", self._name)
+            if self._down is not None and self._down.done():
+                self._down = asyncio.get_running_loop().create_future()
+        else:
+            logger.warning("%s does not answer", self._name)
+            if self._down is not None and not self._down.done():
+                self._down.set_result(None)
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)

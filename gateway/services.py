@@ -1,0 +1,31 @@
+"""What request handlers share: engines, accounts, admission and the server's secrets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.admission import Admission
+from gateway.auth import Authenticator
+from gateway.db import AccountStore
+from gateway.settings import Settings
+from gateway.telemetry import Telemetry
+from serving import EngineHost
+
+__all__ = ["Services"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Services:
+    """One per process; handed to handlers by dependency injection."""
+
+    settings: Settings
+    host: EngineHost
+    telemetry: Telemetry
+    accounts: AccountStore
+    admission: Admission
+    authenticator: Authenticator
+    #: The key-hashing secret (never logged: this class has no repr of its fields).
+    secret: bytes
+
+    def __repr__(self) -> str:
+        return "Services()"

@@ -1,0 +1,92 @@
+"""Quotas hold across replicas: three gateway processes on one Redis and one database."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
+from tests.support.admin import Admin
+
+CHAT_ONLY = """
+[[models]]
+name = "demo-chat"
+source = "{data_dir}/models/demo-chat"
+kind = "chat"
+
+[models.engine]
+max_model_len = 512
+dtype = "float32"
+kv_cache_gb = 0.25
+max_num_seqs = 128
+"""
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    gateway: Gateway, deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Gateway]]:
+    """The session's gateway plus two more replicas serving demo-chat."""
+    folder = tmp_path_factory.mktemp("replicas")
+    catalog = folder / "chat-only.toml"
+    catalog.write_text(CHAT_ONLY)
+    extra = [
+        start_gateway(deployment, folder / f"replica-{i}.log", "--models", str(catalog))
+        for i in range(2)
+    ]
+    try:
+        for gw in extra:
+            wait_ready(gw)
+        yield [gateway, *extra]
+    finally:
+        for gw in extra:
+            stop_gateway(gw)
+
+
+def finished(gw: Gateway) -> int:
+    return int(
+        httpx.get(gw.base_url + "/readyz").json()["models"]["demo-chat"]["requests_finished"]
+    )
+
+
+async def test_rpm_is_exact_across_three_replicas(replicas: list[Gateway], admin: Admin) -> None:
+    tenant = admin.tenant("three-replicas", rpm=100)
+    key = admin.key(tenant)
+    before = sum(finished(gw) for gw in replicas)
+    targets = itertools.cycle(replicas)
+    clients = [
+        httpx.AsyncClient(
+            base_url=gw.api_url,
+            headers={"authorization": f"Bearer {key}"},
+            timeout=300,
+            limits=httpx.Limits(max_connections=400, max_keepalive_connections=400),
+        )
+        for gw in replicas
+    ]
+    by_url = {str(c.base_url).rstrip("/"): c for c in clients}
+    body = {"model": "demo-chat", "prompt": "hello", "max_tokens": 1}
+    try:
+        answers = await asyncio.gather(
+            *(by_url[next(targets).api_url].post("/completions", json=body) for _ in range(1000))
+        )
+    finally:
+        for c in clients:
+            await c.aclose()
+    statuses = Counter(a.status_code for a in answers)
+    assert statuses == {200: 100, 429: 900}, statuses
+    for refused in (a for a in answers if a.status_code == 429):
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    # Every replica took part, and the engines saw exactly the admitted requests.
+    assert len({str(a.request.url.host) + str(a.request.url.port) for a in answers}) == 3
+    deadline = asyncio.get_running_loop().time() + 30
+    while sum(finished(gw) for gw in replicas) - before < 100:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)
+    assert sum(finished(gw) for gw in replicas) - before == 100
