@@ -75,6 +75,10 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
     return headers
 
 
+class _NotSent(StoreUnavailable):
+    """The store was known to be down, so the call was never made."""
+
+
 class Ticket:
     """One admitted request: settle it exactly once with what it really used."""
 
@@ -173,10 +177,10 @@ class Admission:
         )
         try:
             decision = await self._call(self.store.admit(partition, scopes, demand, self.lease_s))
-        except (StoreUnavailable, TimeoutError):
-            return self._store_down(
-                partition, request_id, model, tenant.has_budget() or key.has_budget()
-            )
+        except (StoreUnavailable, TimeoutError) as exc:
+            budget = tenant.has_budget() or key.has_budget()
+            sent = not isinstance(exc, _NotSent)
+            return self._store_down(partition, request_id, model, budget=budget, sent=sent)
         headers = ratelimit_headers(decision)
         if decision.admitted:
             self.telemetry.admissions.add(1, {"outcome": "admitted"})
@@ -215,7 +219,7 @@ class Admission:
         watchdog = self.watchdog
         if watchdog is not None and not watchdog.up:
             call.close()
-            raise StoreUnavailable("the quota store does not answer")
+            raise _NotSent("the quota store does not answer")
         task = asyncio.get_running_loop().create_task(call)
         waits: set[asyncio.Future[Any]] = {task}
         if watchdog is not None:
@@ -229,10 +233,12 @@ class Admission:
             if not task.done():
                 task.cancel()
 
-    def _store_down(self, partition: str, request_id: str, model: str, budget: bool) -> Ticket:
+    def _store_down(
+        self, partition: str, request_id: str, model: str, *, budget: bool, sent: bool
+    ) -> Ticket:
         self.telemetry.quota_store_errors.add(1, {"operation": "admit"})
-        # The admission may still land in the store: release it once the store answers.
-        self._queue(partition, request_id, 0, 0)
+        if sent:  # the admission may still land in the store: release it once it answers
+            self._queue(partition, request_id, 0, 0)
         if budget or not self.fail_open:
             self.telemetry.admissions.add(1, {"outcome": "store_down_closed"})
             raise ServiceUnavailable(
@@ -240,7 +246,7 @@ class Admission:
                 code="quota_store_unavailable",
                 headers={"retry-after": "1"},
             )
-        logger.warning("quota store unavailable: admitting %s without a rate limit", request_id)
+        logger.debug("quota store unavailable: admitting %s without a rate limit", request_id)
         self.telemetry.admissions.add(1, {"outcome": "store_down_open"})
         return unmetered(request_id, model)
 

@@ -9,7 +9,6 @@ take (``tenant_id``, ``role`` on a quota, ...) is a 400, never silently applied.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
@@ -23,6 +22,7 @@ from litestar.params import FromPath
 
 from gateway import db
 from gateway.api._generation import json_response
+from gateway.api.schemas import decode
 from gateway.auth import Principal, principal_of
 from gateway.db import ApiKey, QuotaPolicy, Tenant
 from gateway.errors import (
@@ -69,31 +69,6 @@ class QuotaPut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     monthly_tokens: _Count | None = None
     #: USD as a string ("12.50"); a JSON number is read from its text, never through a float.
     monthly_spend_usd: Decimal | None = None
-
-
-_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
-
-
-def _decode(body: bytes, kind: type[T]) -> T:
-    if not body:
-        raise InvalidRequest("The request body is empty; send a JSON object.")
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        unknown = _UNKNOWN.search(message)
-        if unknown:
-            field = unknown.group(1)
-            raise InvalidRequest(
-                f"Unrecognized request argument supplied: {field}", param=field
-            ) from exc
-        param = None
-        if " - at `$." in message:
-            message, _, path = message.partition(" - at `$.")
-            param = path.rstrip("`")
-        raise InvalidRequest(f"Invalid request: {message}", param=param) from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -215,7 +190,7 @@ class AdminController(Controller):
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
         _operator_only(_caller(request), "create tenants")
-        body = _decode(await request.body(), TenantCreate)
+        body = decode(await request.body(), TenantCreate)
         tenant = await services.accounts.create_tenant(body.name)
         return json_response(_tenant_body(tenant), status_code=201)
 
@@ -246,7 +221,7 @@ class AdminController(Controller):
         services: NamedDependency[Services],
     ) -> Response[bytes]:
         await self._tenant(services, _caller(request), tenant_id)
-        body = _decode(await request.body(), TenantUpdate)
+        body = decode(await request.body(), TenantUpdate)
         tenant = await services.accounts.rename_tenant(tenant_id, body.name)
         return json_response(_tenant_body(tenant))
 
@@ -274,7 +249,7 @@ class AdminController(Controller):
         services: NamedDependency[Services],
     ) -> Response[bytes]:
         await self._tenant(services, _caller(request), tenant_id)
-        body = _decode(await request.body(), KeyCreate)
+        body = decode(await request.body(), KeyCreate)
         expires_at: datetime | None
         if isinstance(body.expires_at, int):
             expires_at = datetime.fromtimestamp(body.expires_at, UTC)
@@ -361,7 +336,7 @@ class AdminController(Controller):
         principal = _caller(request)
         await self._tenant(services, principal, tenant_id)
         _operator_only(principal, "change a tenant's quota")
-        body = _decode(await request.body(), QuotaPut)
+        body = decode(await request.body(), QuotaPut)
         policy = await services.accounts.set_quota(tenant_id, None, **msgspec.structs.asdict(body))
         services.authenticator.forget()
         return json_response(_quota_body(tenant_id, None, policy))
@@ -385,7 +360,7 @@ class AdminController(Controller):
         services: NamedDependency[Services],
     ) -> Response[bytes]:
         key = await self._key(services, _caller(request), key_id)
-        body = _decode(await request.body(), QuotaPut)
+        body = decode(await request.body(), QuotaPut)
         policy = await services.accounts.set_quota(
             key.tenant_id, key.id, **msgspec.structs.asdict(body)
         )

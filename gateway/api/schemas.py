@@ -7,6 +7,7 @@ Tollgate cannot honour are refused with a 400 rather than silently dropped.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, TypeVar
 
 import msgspec
@@ -106,6 +107,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
 
 
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+
+
 def decode(body: bytes, kind: type[T]) -> T:
     """Decode and validate a JSON body.
 
@@ -120,6 +124,12 @@ def decode(body: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         message = str(exc)
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:  # a closed body (admin routes) got a field it does not take
+            field = unknown.group(1)
+            raise InvalidRequest(
+                f"Unrecognized request argument supplied: {field}", param=field
+            ) from exc
         param = None
         if " - at `$." in message:
             message, _, path = message.partition(" - at `$.")

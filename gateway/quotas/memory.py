@@ -14,8 +14,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import msgspec
-
+from gateway.quotas._common import (
+    RECORD_MARGIN_S,
+    TOMBSTONE_TTL_S,
+    check_admission,
+    check_partition,
+    check_settlement,
+)
 from gateway.quotas.store import (
     Decision,
     Demand,
@@ -27,11 +32,6 @@ from gateway.quotas.store import (
 
 __all__ = ["MemoryQuotaStore"]
 
-#: How long a reservation record (and its lease) is kept past the lease, so that a late
-#: settle still corrects the counters.
-RECORD_MARGIN_S = 300
-#: How long a settled request id stays refused.
-TOMBSTONE_TTL_S = 3600
 #: Budget counters are kept this many days past their day (month).
 _DAY_KEEP = 2
 _MONTH_KEEP = 35
@@ -120,7 +120,7 @@ class MemoryQuotaStore(QuotaStore):
     async def admit(
         self, partition: str, scopes: Sequence[Scope], demand: Demand, lease_s: float
     ) -> Decision:
-        _check_admission(partition, scopes, demand, lease_s)
+        check_admission(partition, scopes, demand, lease_s)
         now = self._now_ms()
         self._expire(now)
         second = now // 1000
@@ -165,7 +165,7 @@ class MemoryQuotaStore(QuotaStore):
         )
 
     async def settle(self, partition: str, request_id: str, tokens: int, spend_nusd: int) -> bool:
-        _check_settlement(partition, request_id, tokens, spend_nusd)
+        check_settlement(partition, request_id, tokens, spend_nusd)
         now = self._now_ms()
         self._expire(now)
         key = (partition, request_id)
@@ -193,7 +193,7 @@ class MemoryQuotaStore(QuotaStore):
         return True
 
     async def usage(self, partition: str, scope: str) -> ScopeUsage:
-        _check_partition(partition)
+        check_partition(partition)
         counters = self._counters.get((partition, scope))
         if counters is None:
             return ScopeUsage()
@@ -396,33 +396,3 @@ def _drop_before(counters: dict[str, int], oldest: str) -> None:
 def _add_existing(counters: dict[str, int], label: str, delta: int) -> None:
     if label in counters:
         counters[label] += delta
-
-
-def _check_partition(partition: str) -> None:
-    if not partition or "{" in partition or "}" in partition:
-        raise ValueError("partition must be non-empty and free of braces")
-
-
-def _check_admission(
-    partition: str, scopes: Sequence[Scope], demand: Demand, lease_s: float
-) -> None:
-    _check_partition(partition)
-    if not demand.request_id:
-        raise ValueError("request_id must be non-empty")
-    if demand.tokens < 0 or demand.spend_nusd < 0:
-        raise ValueError("demand must not be negative")
-    if not lease_s > 0:
-        raise ValueError("lease_s must be positive")
-    if len({scope.name for scope in scopes}) != len(scopes):
-        raise ValueError("scope names must be unique")
-    for scope in scopes:
-        if any(value is not None and value < 0 for value in msgspec.structs.astuple(scope.limits)):
-            raise ValueError("limits must not be negative")
-
-
-def _check_settlement(partition: str, request_id: str, tokens: int, spend_nusd: int) -> None:
-    _check_partition(partition)
-    if not request_id:
-        raise ValueError("request_id must be non-empty")
-    if tokens < 0 or spend_nusd < 0:
-        raise ValueError("usage must not be negative")

@@ -14,7 +14,6 @@ import asyncio
 import math
 from collections.abc import Sequence
 
-import msgspec
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -22,6 +21,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.quotas import _lua
+from gateway.quotas._common import (
+    RECORD_MARGIN_S,
+    TOMBSTONE_TTL_S,
+    check_admission,
+    check_partition,
+    check_settlement,
+)
 from gateway.quotas.store import (
     Decision,
     Demand,
@@ -35,11 +41,6 @@ from gateway.quotas.store import (
 
 __all__ = ["RedisQuotaStore"]
 
-#: How long a reservation record (and its lease set member) outlives the lease, so that a
-#: late settle still corrects the counters.
-RECORD_MARGIN_S = 300
-#: How long a settled request id stays refused.
-TOMBSTONE_TTL_S = 3600
 #: Seconds between PINGs on a pooled connection that sat idle.
 HEALTH_CHECK_INTERVAL_S = 1
 #: Connections one store opens at most; more calls at once wait for one (a burst of
@@ -120,7 +121,7 @@ class RedisQuotaStore(QuotaStore):
     async def admit(
         self, partition: str, scopes: Sequence[Scope], demand: Demand, lease_s: float
     ) -> Decision:
-        _check_admission(partition, scopes, demand, lease_s)
+        check_admission(partition, scopes, demand, lease_s)
         base = self._base(partition)
         keys = [base, *(f"{base}:{scope.name}" for scope in scopes)]
         args: list[str | int] = [
@@ -149,13 +150,13 @@ class RedisQuotaStore(QuotaStore):
         )
 
     async def settle(self, partition: str, request_id: str, tokens: int, spend_nusd: int) -> bool:
-        _check_settlement(partition, request_id, tokens, spend_nusd)
+        check_settlement(partition, request_id, tokens, spend_nusd)
         args: list[str | int] = [request_id, tokens, spend_nusd, self._window_s, TOMBSTONE_TTL_S]
         reply = await self._run(self._settle, [self._base(partition)], args)
         return reply == 1
 
     async def usage(self, partition: str, scope: str) -> ScopeUsage:
-        _check_partition(partition)
+        check_partition(partition)
         key = f"{self._base(partition)}:{scope}"
         reply = await self._run(self._usage, [key], [self._window_s, RECORD_MARGIN_S * 1000])
         values = _ints(reply, 7)
@@ -221,33 +222,3 @@ def _opt(value: int) -> int | None:
 
 def _opt_s(value_ms: int) -> float | None:
     return None if value_ms < 0 else value_ms / 1000
-
-
-def _check_partition(partition: str) -> None:
-    if not partition or "{" in partition or "}" in partition:
-        raise ValueError("partition must be non-empty and free of braces")
-
-
-def _check_admission(
-    partition: str, scopes: Sequence[Scope], demand: Demand, lease_s: float
-) -> None:
-    _check_partition(partition)
-    if not demand.request_id:
-        raise ValueError("request_id must be non-empty")
-    if demand.tokens < 0 or demand.spend_nusd < 0:
-        raise ValueError("demand must not be negative")
-    if not lease_s > 0:
-        raise ValueError("lease_s must be positive")
-    if len({scope.name for scope in scopes}) != len(scopes):
-        raise ValueError("scope names must be unique")
-    for scope in scopes:
-        if any(value is not None and value < 0 for value in msgspec.structs.astuple(scope.limits)):
-            raise ValueError("limits must not be negative")
-
-
-def _check_settlement(partition: str, request_id: str, tokens: int, spend_nusd: int) -> None:
-    _check_partition(partition)
-    if not request_id:
-        raise ValueError("request_id must be non-empty")
-    if tokens < 0 or spend_nusd < 0:
-        raise ValueError("usage must not be negative")
