@@ -37,10 +37,12 @@ def create_app(
     telemetry: Telemetry | None = None,
     on_ready: Callable[[], None] | None = None,
     on_startup_failure: Callable[[BaseException], None] | None = None,
+    own_engines: bool = True,
 ) -> Litestar:
     """Build the gateway app; its engines start in the background once the app starts.
 
-    ``/healthz`` answers at once, ``/readyz`` only when every engine is up.
+    ``/healthz`` answers at once, ``/readyz`` only when every engine is up. With
+    ``own_engines=False`` the caller starts and stops ``host`` (several apps sharing one host).
 
     Raises:
         CatalogError: the models file is wrong; the message names the entry.
@@ -105,7 +107,8 @@ def create_app(
             authenticator=authenticator,
             secret=secret,
         )
-        task = asyncio.create_task(host.start())
+        # Several apps may share one host whose engines their caller runs (benchmarks).
+        task = asyncio.create_task(host.start() if own_engines else asyncio.sleep(0))
         task.add_done_callback(started)
         try:
             yield
@@ -113,7 +116,8 @@ def create_app(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await admission.close()
-            await host.shutdown()
+            if own_engines:
+                await host.shutdown()
             await accounts.close()
             telemetry.shutdown()
 
