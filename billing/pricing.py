@@ -1,0 +1,259 @@
+"""The price book: versioned per-model token prices and exact rating of usage.
+
+Prices are USD per million tokens, split in three token classes (uncached prompt tokens,
+cached prompt tokens, output tokens); an embedding model prices its input tokens with
+``input_per_mtok``. A per-Mtok price has at most six decimals (a millionth of a dollar per
+million tokens), so every cost is an exact multiple of ``1e-12`` USD: costs are never
+rounded here, invoices round once per line item.
+
+A model's price changes by adding a version with a later ``effective_from``; the version in
+force at an instant is the latest one that starts at or before it, so an event at the exact
+boundary instant belongs to the new version.
+
+Errors: ``ValueError`` for an invalid price or token count, ``TypeError`` for a money value
+that is not a ``Decimal``; ``decimal.Inexact`` would mean a computation that cannot be exact
+and is never expected with validated prices.
+"""
+
+from __future__ import annotations
+
+import bisect
+import decimal
+import enum
+import itertools
+import types
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+
+import msgspec
+
+from billing.events import UsageEvent
+
+__all__ = [
+    "EXACT_CONTEXT",
+    "PRICE_DECIMALS",
+    "Price",
+    "PriceBook",
+    "TokenClass",
+    "class_amounts",
+    "quantities",
+    "rate",
+    "rerate",
+    "to_nano_usd",
+]
+
+#: The most decimals a per-Mtok price may carry.
+PRICE_DECIMALS = 6
+
+#: Decimal context for money: wide enough for any realistic amount, and any rounding raises
+#: ``decimal.Inexact`` instead of silently losing a digit. Use it through
+#: ``decimal.localcontext(EXACT_CONTEXT)``, which works on a copy.
+EXACT_CONTEXT = decimal.Context(
+    prec=60,
+    rounding=decimal.ROUND_HALF_EVEN,
+    traps=[decimal.Inexact, decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow],
+)
+
+#: For checks that look at a rounded value instead of raising on the rounding.
+_LENIENT = decimal.Context(prec=EXACT_CONTEXT.prec, traps=[])
+_PRICE_QUANTUM = Decimal(1).scaleb(-PRICE_DECIMALS)
+_MTOK_EXPONENT = -6
+_NANO_EXPONENT = 9
+
+
+class TokenClass(enum.StrEnum):
+    """A class of tokens with its own unit price."""
+
+    #: Prompt tokens computed by the engine (not served from the prefix cache).
+    INPUT = "input"
+    #: Prompt tokens served from the prefix cache.
+    CACHED_INPUT = "cached_input"
+    #: Generated tokens.
+    OUTPUT = "output"
+
+
+class Price(msgspec.Struct, frozen=True, kw_only=True):
+    """One version of a model's price, in USD per million tokens of each class.
+
+    Raises:
+        ValueError: a price is negative, not finite or has more than six decimals; the
+            model is empty; ``effective_from`` is naive.
+        TypeError: a price is not a ``Decimal`` (a float is never accepted).
+    """
+
+    id: int
+    model: str
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    #: First instant (inclusive) the version applies to; timezone-aware.
+    effective_from: datetime
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("a price needs a model name")
+        if self.effective_from.utcoffset() is None:
+            raise ValueError("effective_from must be timezone-aware (UTC)")
+        for name in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok"):
+            _check_price(name, getattr(self, name))
+
+    def per_mtok(self, token_class: TokenClass) -> Decimal:
+        """The USD price per million tokens of ``token_class``."""
+        if token_class is TokenClass.INPUT:
+            return self.input_per_mtok
+        if token_class is TokenClass.CACHED_INPUT:
+            return self.cached_input_per_mtok
+        return self.output_per_mtok
+
+
+def _check_price(name: str, value: object) -> None:
+    if not isinstance(value, Decimal):
+        raise TypeError(f"{name} must be a Decimal, got {type(value).__name__}")
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{name} must be a finite, non-negative amount, got {value}")
+    quantized = value.quantize(_PRICE_QUANTUM, rounding=decimal.ROUND_DOWN, context=_LENIENT)
+    if quantized.is_nan() or quantized != value:
+        raise ValueError(f"{name} has more than {PRICE_DECIMALS} decimals or is too large: {value}")
+
+
+def quantities(
+    prompt_tokens: int, cached_tokens: int, completion_tokens: int
+) -> dict[TokenClass, int]:
+    """Split a request's token counts into billable quantities per class.
+
+    Cached tokens are part of the prompt: ``input`` is ``prompt - cached`` and ``cached_input``
+    is ``cached``, both capped so that together they never exceed the prompt.
+
+    Raises:
+        ValueError: a count is negative.
+    """
+    if prompt_tokens < 0 or cached_tokens < 0 or completion_tokens < 0:
+        raise ValueError(
+            f"token counts must be non-negative: prompt={prompt_tokens} "
+            f"cached={cached_tokens} completion={completion_tokens}"
+        )
+    cached = min(cached_tokens, prompt_tokens)
+    return {
+        TokenClass.INPUT: prompt_tokens - cached,
+        TokenClass.CACHED_INPUT: cached,
+        TokenClass.OUTPUT: completion_tokens,
+    }
+
+
+def class_amounts(
+    price: Price | None, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+) -> dict[TokenClass, Decimal]:
+    """The exact USD amount per token class (all zero when ``price`` is ``None``).
+
+    The amounts add up to :func:`rate` of the same arguments exactly.
+    """
+    counts = quantities(prompt_tokens, cached_tokens, completion_tokens)
+    if price is None:
+        return {cls: Decimal(0) for cls in counts}
+    with decimal.localcontext(EXACT_CONTEXT):
+        return {
+            cls: (Decimal(quantity) * price.per_mtok(cls)).scaleb(_MTOK_EXPONENT)
+            for cls, quantity in counts.items()
+        }
+
+
+def rate(
+    price: Price | None, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+) -> Decimal:
+    """The exact USD cost of one request's tokens, never rounded; zero without a price.
+
+    Args:
+        price: The price version in force when the request happened, or ``None``.
+        prompt_tokens: Every prompt token, cached or not.
+        cached_tokens: The prompt tokens served from the prefix cache.
+        completion_tokens: Generated tokens (zero for embeddings).
+
+    Raises:
+        ValueError: a count is negative.
+    """
+    amounts = class_amounts(price, prompt_tokens, cached_tokens, completion_tokens)
+    with decimal.localcontext(EXACT_CONTEXT):
+        return sum(amounts.values(), Decimal(0))
+
+
+class PriceBook:
+    """Every price version of every model, answering which version applies when.
+
+    Raises:
+        ValueError: two versions share an id, or one model has two versions with the same
+            ``effective_from``.
+    """
+
+    def __init__(self, prices: Iterable[Price]) -> None:
+        by_id: dict[int, Price] = {}
+        by_model: dict[str, list[Price]] = {}
+        for price in prices:
+            if price.id in by_id:
+                raise ValueError(f"duplicate price id {price.id}")
+            by_id[price.id] = price
+            by_model.setdefault(price.model, []).append(price)
+        self._by_id = types.MappingProxyType(by_id)
+        self._versions: dict[str, tuple[Price, ...]] = {}
+        self._starts: dict[str, list[datetime]] = {}
+        for model, versions in by_model.items():
+            versions.sort(key=lambda p: p.effective_from)
+            starts = [p.effective_from for p in versions]
+            for earlier, later in itertools.pairwise(starts):
+                if earlier == later:
+                    raise ValueError(f"two prices for {model!r} take effect at {later.isoformat()}")
+            self._versions[model] = tuple(versions)
+            self._starts[model] = starts
+
+    @property
+    def by_id(self) -> Mapping[int, Price]:
+        """Every version by its id (read-only)."""
+        return self._by_id
+
+    def models(self) -> list[str]:
+        """The models that have at least one price version, sorted."""
+        return sorted(self._versions)
+
+    def versions(self, model: str) -> tuple[Price, ...]:
+        """A model's price versions, oldest first (empty for an unknown model)."""
+        return self._versions.get(model, ())
+
+    def price_at(self, model: str, when: datetime) -> Price | None:
+        """The version of ``model``'s price in force at ``when``, or ``None`` before the first.
+
+        Raises:
+            ValueError: ``when`` is naive.
+        """
+        if when.utcoffset() is None:
+            raise ValueError("price lookups need a timezone-aware instant")
+        starts = self._starts.get(model)
+        if not starts:
+            return None
+        index = bisect.bisect_right(starts, when) - 1
+        return self._versions[model][index] if index >= 0 else None
+
+    def current(self, model: str, now: datetime) -> Price | None:
+        """The version in force at ``now`` (the caller's clock)."""
+        return self.price_at(model, now)
+
+
+def rerate(event: UsageEvent, book: PriceBook) -> UsageEvent:
+    """The event priced again with the version in force at its ``occurred_at``."""
+    price = book.price_at(event.model, event.occurred_at)
+    cost = rate(price, event.prompt_tokens, event.cached_tokens, event.completion_tokens)
+    return msgspec.structs.replace(
+        event, cost_usd=cost, price_id=None if price is None else price.id
+    )
+
+
+def to_nano_usd(amount: Decimal) -> int:
+    """``amount`` in nano-USD, rounded up (a reservation never under-holds).
+
+    Raises:
+        ValueError: ``amount`` is not finite.
+    """
+    if not amount.is_finite():
+        raise ValueError(f"not a finite amount: {amount}")
+    with decimal.localcontext(EXACT_CONTEXT):
+        nanos = amount.scaleb(_NANO_EXPONENT).to_integral_value(rounding=decimal.ROUND_CEILING)
+    return int(nanos)
