@@ -10,8 +10,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from gateway.db.tables import metadata
+from billing.tables import metadata as billing_metadata
+from gateway.db.tables import metadata as accounts_metadata
 from gateway.db.url import make_engine, normalize_url
+
+#: Every table the migrations manage: the accounts tables and billing's.
+metadata = [accounts_metadata, billing_metadata]
 
 config = context.config
 

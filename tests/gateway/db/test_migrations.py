@@ -10,10 +10,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
+from billing.tables import metadata as billing_metadata
 from gateway.db import current, make_engine, metadata, upgrade
 from gateway.db.migrate import head
 
-TABLES = {"tenant", "api_key", "quota_policy", "alembic_version"}
+TABLES = {
+    "tenant",
+    "api_key",
+    "quota_policy",
+    "price",
+    "usage_event",
+    "usage_rollup",
+    "outbox",
+    "alembic_version",
+}
 
 
 def schema_differences(url: str) -> list[object]:
@@ -21,7 +31,7 @@ def schema_differences(url: str) -> list[object]:
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
-            return list(compare_metadata(context, metadata))
+            return list(compare_metadata(context, [metadata, billing_metadata]))
     finally:
         engine.dispose()
 
@@ -39,7 +49,7 @@ def test_upgrade_empty_database_to_head_twice(new_database: Callable[[], str]) -
     assert current(database_url) is None
     assert table_names(database_url) == set()
     upgrade(database_url)
-    assert current(database_url) == head() == "0001"
+    assert current(database_url) == head() == "0002"
     assert table_names(database_url) == TABLES
     upgrade(database_url)
     assert current(database_url) == head()
