@@ -64,6 +64,8 @@ format: $(STAMP)
 
 bench: setup
 	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/ledger.py
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -174,7 +174,6 @@ async def through_the_app(url: str, requests: int, rounds: int, concurrency: int
     parsing, which are the same for all three too.
     """
     import httpx
-    from litestar.testing import AsyncTestClient
 
     from gateway.app import create_app
     from gateway.settings import Settings
@@ -207,7 +206,12 @@ async def through_the_app(url: str, requests: int, rounds: int, concurrency: int
     async with contextlib.AsyncExitStack() as stack:
         for name, config in configs.items():
             app = create_app(config, host=host, telemetry=Telemetry(), own_engines=False)
-            client = await stack.enter_async_context(AsyncTestClient(app, timeout=120))
+            await stack.enter_async_context(app.lifespan())  # on this loop, like the engine
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://app", timeout=120
+                )
+            )
             if config.auth:
                 admin = {"authorization": f"Bearer {config.admin_token}"}
                 made = await client.post("/admin/v1/tenants", json={"name": "b"}, headers=admin)

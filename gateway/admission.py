@@ -30,7 +30,7 @@ from gateway.quotas import (
     Scope,
     StoreUnavailable,
 )
-from gateway.quotas.watchdog import StoreWatchdog
+from gateway.quotas.watchdog import NotSent, StoreWatchdog, guarded
 from gateway.telemetry import Telemetry
 
 __all__ = ["Admission", "Ticket", "ratelimit_headers"]
@@ -73,10 +73,6 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
         headers["x-ratelimit-remaining-tokens"] = str(max(decision.remaining_tokens or 0, 0))
         headers["x-ratelimit-reset-tokens"] = _duration(decision.reset_tokens_s or 0.0)
     return headers
-
-
-class _NotSent(StoreUnavailable):
-    """The store was known to be down, so the call was never made."""
 
 
 class Ticket:
@@ -179,7 +175,7 @@ class Admission:
             decision = await self._call(self.store.admit(partition, scopes, demand, self.lease_s))
         except (StoreUnavailable, TimeoutError) as exc:
             budget = tenant.has_budget() or key.has_budget()
-            sent = not isinstance(exc, _NotSent)
+            sent = not isinstance(exc, NotSent)
             return self._store_down(partition, request_id, model, budget=budget, sent=sent)
         headers = ratelimit_headers(decision)
         if decision.admitted:
@@ -209,29 +205,7 @@ class Admission:
         raise RateLimited(message, budget=budget, headers=headers)
 
     async def _call(self, call: Coroutine[Any, Any, T]) -> T:
-        """Await a store call until it answers, the watchdog finds the store down, or
-        ``hard_timeout_s`` passes.
-
-        No short deadline per call: under a burst, replies wait behind other work
-        on this event loop, and such a deadline would refuse healthy traffic. Whether the
-        store answers is the watchdog's to say, from a thread of its own.
-        """
-        watchdog = self.watchdog
-        if watchdog is not None and not watchdog.up:
-            call.close()
-            raise _NotSent("the quota store does not answer")
-        task = asyncio.get_running_loop().create_task(call)
-        waits: set[asyncio.Future[Any]] = {task}
-        if watchdog is not None:
-            waits.add(watchdog.down())
-        try:
-            await asyncio.wait(waits, timeout=self.hard_timeout_s, return_when="FIRST_COMPLETED")
-            if task.done():
-                return task.result()
-            raise TimeoutError
-        finally:
-            if not task.done():
-                task.cancel()
+        return await guarded(call, self.watchdog, self.hard_timeout_s)
 
     def _store_down(
         self, partition: str, request_id: str, model: str, *, budget: bool, sent: bool

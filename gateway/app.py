@@ -6,13 +6,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 
+from billing.flusher import Flusher
+from billing.ledger import Ledger
+from billing.outbox import SqlOutbox, make_outbox
 from gateway.admission import Admission
-from gateway.api import AdminController, HealthController, OpenAIController
+from gateway.api import AdminController, BillingController, HealthController, OpenAIController
 from gateway.auth import Authenticator, AuthMiddleware
 from gateway.credentials import check_admin_token, load_secret
 from gateway.db import AccountStore, make_engine, upgrade
@@ -23,6 +28,7 @@ from gateway.quotas.watchdog import StoreWatchdog
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry, setup_telemetry
+from gateway.usage import UsageRecorder, failed_request_event
 from serving import EngineHost, load_catalog
 
 __all__ = ["create_app"]
@@ -54,7 +60,9 @@ def create_app(
         host = EngineHost(load_catalog(settings.models_path, settings.data_path))
     telemetry = telemetry or setup_telemetry()
     startup: dict[str, str | None] = {"error": None}
-    accounts = AccountStore(make_engine(settings.database))
+    database = make_engine(settings.database)
+    accounts = AccountStore(database)
+    ledger = Ledger(database)
     store: QuotaStore = (
         # The client's own timeouts are a hard cap; admission gives up sooner, as soon as
         # the watchdog finds the store silent for quota_timeout_ms.
@@ -82,7 +90,7 @@ def create_app(
             on_startup_failure(exc)
 
     @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if settings.migrate:
             await asyncio.to_thread(upgrade, settings.database)
         watchdog = None
@@ -91,12 +99,22 @@ def create_app(
                 settings.redis_url, timeout_s=settings.quota_timeout_ms / 1000
             )
             watchdog.start()
+        outbox = make_outbox(database, settings.redis_url)
+        # With Redis, events go to a stream; while Redis is down, to the SQL database.
+        fallback = SqlOutbox(database) if settings.redis_url else None
+        usage = UsageRecorder(outbox, ledger, fallback=fallback, watchdog=watchdog)
+        await usage.start()
+        flushers = [Flusher(box, ledger) for box in (outbox, fallback) if box is not None]
+        for flusher in flushers:
+            flusher.start()
+        app.state.on_api_error = partial(_failed_request, usage)
         admission = Admission(
             store,
             telemetry,
             fail_open=settings.quota_fail_open,
             lease_s=settings.quota_lease_s,
             watchdog=watchdog,
+            pricer=usage.reservation_usd,
         )
         services_box["services"] = Services(
             settings=settings,
@@ -106,6 +124,7 @@ def create_app(
             admission=admission,
             authenticator=authenticator,
             secret=secret,
+            usage=usage,
         )
         # Several apps may share one host whose engines their caller runs (benchmarks).
         task = asyncio.create_task(host.start() if own_engines else asyncio.sleep(0))
@@ -118,6 +137,12 @@ def create_app(
             await admission.close()
             if own_engines:
                 await host.shutdown()
+            await usage.close()
+            for flusher in flushers:
+                await flusher.stop(drain=True)
+            await outbox.close()
+            if fallback is not None:
+                await fallback.close()
             await accounts.close()
             telemetry.shutdown()
 
@@ -139,7 +164,7 @@ def create_app(
     middleware = []
     handlers: list[type] = [OpenAIController, HealthController]
     if settings.auth:
-        handlers.append(AdminController)
+        handlers.extend([AdminController, BillingController])
         middleware.append(
             DefineMiddleware(
                 AuthMiddleware, authenticator=authenticator, exclude=[r"^/(healthz|readyz)$"]
@@ -162,3 +187,7 @@ def create_app(
         openapi_config=None,
         logging_config=None,
     )
+
+
+def _failed_request(usage: UsageRecorder, scope: Any, exc: Any) -> None:
+    failed_request_event(usage, scope, int(exc.status_code))

@@ -1,4 +1,4 @@
-"""The ``tollgate`` command: ``serve``, ``db upgrade`` and ``models prepare``."""
+"""The ``tollgate`` command: ``serve``, ``db upgrade``, ``billing`` and ``models prepare``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,81 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _billing_invoice(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from billing.invoices import build_invoice, invoice_to_dict, period_bounds
+    from billing.ledger import Ledger
+    from gateway.db import AccountStore, NotFound, make_engine
+    from gateway.settings import Settings
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    try:
+        start, end = period_bounds(args.period)
+    except ValueError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> dict[str, object] | None:
+        engine = make_engine(settings.database)
+        accounts, ledger = AccountStore(engine), Ledger(engine)
+        try:
+            tenant = await accounts.get_tenant(args.tenant)
+        except NotFound:
+            return None
+        try:
+            rows = await ledger.invoice_rows(tenant.id, start, end)
+            return invoice_to_dict(build_invoice(tenant.id, tenant.name, args.period, rows))
+        finally:
+            await accounts.close()
+
+    invoice = asyncio.run(run())
+    if invoice is None:
+        print(f"tollgate: no tenant {args.tenant!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(invoice, indent=2))
+    return 0
+
+
+def _billing_export(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from billing import export as exports
+    from billing.ledger import Ledger
+    from billing.pricing import Price
+    from gateway.db import AccountStore, make_engine
+    from gateway.settings import Settings
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    try:
+        start = datetime.fromisoformat(args.start).replace(tzinfo=UTC)
+        end = datetime.fromisoformat(args.end).replace(tzinfo=UTC)
+    except ValueError as exc:
+        print(f"tollgate: {exc} (dates as YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS, UTC)", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database)
+    accounts, ledger = AccountStore(engine), Ledger(engine)
+
+    async def lookups() -> tuple[dict[str, str], dict[int, Price]]:
+        names = {t.id: t.name for t in await accounts.list_tenants()}
+        return names, {p.id: p for p in await ledger.prices()}
+
+    names, prices = asyncio.run(lookups())
+    events = ledger.iter_events(start=start, end=end, tenant_id=args.tenant)
+    chunks = exports.export(events, args.format, tenant_names=names, prices=prices)
+    out = sys.stdout.buffer if args.output == "-" else Path(args.output).open("wb")  # noqa: SIM115 (closed below)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    engine.dispose()
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from gateway.settings import Settings
     from serving.demo import prepare_demo_models
@@ -156,6 +231,22 @@ def main(argv: list[str] | None = None) -> int:
     db_upgrade = db_commands.add_parser("upgrade", help="migrate TOLLGATE_DATABASE_URL to head")
     db_upgrade.add_argument("--data-dir", help="data directory (default .tollgate)")
     db_upgrade.set_defaults(func=_db_upgrade)
+
+    billing = commands.add_parser("billing", help="invoices and finance exports")
+    billing_commands = billing.add_subparsers(dest="billing_command", required=True)
+    invoice = billing_commands.add_parser("invoice", help="a tenant's invoice for a month")
+    invoice.add_argument("--tenant", required=True, help="tenant id")
+    invoice.add_argument("--period", required=True, help="YYYY-MM")
+    invoice.add_argument("--data-dir", help="data directory (default .tollgate)")
+    invoice.set_defaults(func=_billing_invoice)
+    export = billing_commands.add_parser("export", help="usage events for a time range")
+    export.add_argument("--start", required=True, help="YYYY-MM-DD[THH:MM:SS] UTC, inclusive")
+    export.add_argument("--end", required=True, help="YYYY-MM-DD[THH:MM:SS] UTC, exclusive")
+    export.add_argument("--format", choices=["csv", "jsonl", "parquet", "focus"], default="csv")
+    export.add_argument("--tenant", help="one tenant's events only")
+    export.add_argument("--output", default="-", help="file to write (default: stdout)")
+    export.add_argument("--data-dir", help="data directory (default .tollgate)")
+    export.set_defaults(func=_billing_export)
 
     models = commands.add_parser("models", help="manage local models")
     model_commands = models.add_subparsers(dest="models_command", required=True)

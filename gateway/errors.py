@@ -157,7 +157,10 @@ def error_response(exc: APIError, headers: dict[str, str] | None = None) -> Resp
     )
 
 
-def _api_error(_: Request[Any, Any, Any], exc: APIError) -> Response[bytes]:
+def _api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[bytes]:
+    hook = getattr(request.app.state, "on_api_error", None)
+    if hook is not None:
+        hook(request.scope, exc)
     return error_response(exc, headers=exc.headers)
 
 

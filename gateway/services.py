@@ -9,6 +9,7 @@ from gateway.auth import Authenticator
 from gateway.db import AccountStore
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry
+from gateway.usage import UsageRecorder
 from serving import EngineHost
 
 __all__ = ["Services"]
@@ -26,6 +27,8 @@ class Services:
     authenticator: Authenticator
     #: The key-hashing secret (never logged: this class has no repr of its fields).
     secret: bytes
+    #: Prices usage and appends its events to the outbox.
+    usage: UsageRecorder
 
     def __repr__(self) -> str:
         return "Services()"

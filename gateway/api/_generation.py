@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
+from billing.events import EventStatus, UsageEvent
 from gateway.admission import Ticket
 from gateway.api._render import (
     DONE,
@@ -25,6 +26,7 @@ from gateway.api._render import (
 )
 from gateway.errors import APIError, InvalidRequest, ServiceUnavailable
 from gateway.observe import Observation
+from gateway.usage import Receipt, cost_header
 from serving import (
     EngineDead,
     EngineNotReady,
@@ -71,6 +73,7 @@ class Generation:
         obs: Observation,
         stream: bool,
         ticket: Ticket,
+        receipt: Receipt | None,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
@@ -80,7 +83,9 @@ class Generation:
         self.include_usage = include_usage
         self.obs = obs
         self.ticket = ticket
+        self.receipt = receipt
         self._queued = False
+        self._done = False
         self.created = int(time.time())
         prefix = "chatcmpl-" if flavor == "chat" else "cmpl-"
         self.response_id = prefix + request_id.removeprefix("req_")
@@ -107,7 +112,15 @@ class Generation:
             if choice.finish_reason is not None:
                 self.finish_reasons.append(finish_reason(choice) or "stop")
 
-    def _finish(self, error: str | None = None, outcome: str = "ok") -> None:
+    def _finish(
+        self, error: str | None = None, outcome: str = "ok", *, durable: bool = False
+    ) -> UsageEvent | None:
+        """Close the request once: settle its quota, record its span and metrics, and make
+        its usage event; the event is appended in the background unless ``durable`` (then
+        the caller appends it before the answer ends)."""
+        if self._done:
+            return None
+        self._done = True
         # Quota settles to what the engine worked on: nothing if it never took the request.
         if self._queued:
             self.ticket.settle(self.usage.prompt_tokens, self.usage.completion_tokens)
@@ -121,6 +134,28 @@ class Generation:
             error=error,
             outcome=outcome,
         )
+        if self.receipt is None:
+            return None
+        status = (
+            EventStatus.ABORTED
+            if outcome == "aborted"
+            else EventStatus.ERROR
+            if error
+            else EventStatus.OK
+        )
+        event = self.receipt.event(
+            self.request_id,
+            model=self.engine.name,
+            status=status,
+            prompt_tokens=self.usage.prompt_tokens if self._queued else 0,
+            cached_tokens=self.usage.cached_tokens,
+            completion_tokens=self.usage.completion_tokens,
+            started=self.obs.started,
+            first_token_at=self.obs.first_token_at,
+        )
+        if not durable:
+            self.receipt.recorder.record_later(event)
+        return event
 
     async def complete(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """Run to the end and answer with one JSON body; abort if the client goes away."""
@@ -149,8 +184,12 @@ class Generation:
         except BaseException as exc:
             self._finish(error=type(exc).__name__, outcome="aborted")
             raise
-        self._finish()
-        return json_response(
+        event = self._finish(durable=True)
+        headers = None
+        if event is not None and self.receipt is not None:
+            await self.receipt.recorder.record(event)  # durable before the answer leaves
+            headers = cost_header(event)
+        response = json_response(
             {
                 "id": self.response_id,
                 "object": self.object,
@@ -161,8 +200,16 @@ class Generation:
                 "system_fingerprint": None,
             }
         )
+        if headers:
+            response.headers.update(headers)
+        return response
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+    def _chunk(
+        self,
+        choices: list[dict[str, Any]],
+        usage: Usage | None = None,
+        event: UsageEvent | None = None,
+    ) -> bytes:
         body: dict[str, Any] = {
             "id": self.response_id,
             "object": self.object + ".chunk" if self.flavor == "chat" else self.object,
@@ -173,6 +220,8 @@ class Generation:
         }
         if self.include_usage:
             body["usage"] = usage_body(usage) if usage is not None else None
+            if event is not None:  # the receipt of a streamed answer
+                body["usage"]["cost_usd"] = f"{event.cost_usd:f}"
         return sse(body)
 
     def _delta_event(self, index: int, text: str) -> bytes:
@@ -300,8 +349,11 @@ class Generation:
             async for p, chunk in source:
                 for event in self._chunk_events(p, chunk, seen):
                     yield event
+            receipt = self._finish(durable=True)
+            if receipt is not None and self.receipt is not None:
+                await self.receipt.recorder.record(receipt)  # durable before the answer ends
             if self.include_usage:
-                yield self._chunk([], self.usage)
+                yield self._chunk([], self.usage, receipt)
             yield DONE
         except ServingError as exc:
             error = type(exc).__name__

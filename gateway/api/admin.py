@@ -35,7 +35,7 @@ from gateway.errors import (
 )
 from gateway.services import Services
 
-__all__ = ["AdminController"]
+__all__ = ["AdminController", "caller", "operator_only", "require_admin"]
 
 T = TypeVar("T")
 
@@ -117,7 +117,7 @@ def _quota_body(tenant_id: str, key_id: str | None, policy: QuotaPolicy | None) 
     }
 
 
-def _require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     principal = principal_of(connection.scope)
     if principal is None or not principal.is_admin:
         raise PermissionDenied(
@@ -125,14 +125,14 @@ def _require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteH
         )
 
 
-def _caller(request: Request[Any, Any, Any]) -> Principal:
+def caller(request: Request[Any, Any, Any]) -> Principal:
     principal = principal_of(request.scope)
     if principal is None:  # the guard has run: this cannot be reached
         raise PermissionDenied("Authentication is required for the admin API.")
     return principal
 
 
-def _operator_only(principal: Principal, what: str) -> None:
+def operator_only(principal: Principal, what: str) -> None:
     if not principal.operator:
         raise PermissionDenied(f"Only the operator may {what}.")
 
@@ -154,7 +154,7 @@ def _account_error(_: Request[Any, Any, Any], exc: db.AccountError) -> Response[
 
 class AdminController(Controller):
     path = "/admin/v1"
-    guards = [_require_admin]  # noqa: RUF012 (litestar reads it as a class attribute)
+    guards = [require_admin]  # noqa: RUF012 (litestar reads it as a class attribute)
     exception_handlers = {db.AccountError: _account_error}  # noqa: RUF012 (as above)
 
     async def _tenant(
@@ -189,7 +189,7 @@ class AdminController(Controller):
     async def create_tenant(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
-        _operator_only(_caller(request), "create tenants")
+        operator_only(caller(request), "create tenants")
         body = decode(await request.body(), TenantCreate)
         tenant = await services.accounts.create_tenant(body.name)
         return json_response(_tenant_body(tenant), status_code=201)
@@ -198,7 +198,7 @@ class AdminController(Controller):
     async def list_tenants(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
-        principal = _caller(request)
+        principal = caller(request)
         only = None if principal.operator else principal.tenant_id
         tenants = await services.accounts.list_tenants(tenant_id=only)
         return json_response({"object": "list", "data": [_tenant_body(t) for t in tenants]})
@@ -210,7 +210,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        tenant = await self._tenant(services, _caller(request), tenant_id)
+        tenant = await self._tenant(services, caller(request), tenant_id)
         return json_response(_tenant_body(tenant))
 
     @patch("/tenants/{tenant_id:str}")
@@ -220,7 +220,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        await self._tenant(services, _caller(request), tenant_id)
+        await self._tenant(services, caller(request), tenant_id)
         body = decode(await request.body(), TenantUpdate)
         tenant = await services.accounts.rename_tenant(tenant_id, body.name)
         return json_response(_tenant_body(tenant))
@@ -232,9 +232,9 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        principal = _caller(request)
+        principal = caller(request)
         await self._tenant(services, principal, tenant_id)
-        _operator_only(principal, "delete tenants")
+        operator_only(principal, "delete tenants")
         await services.accounts.delete_tenant(tenant_id)
         services.authenticator.forget()
         return json_response({"id": tenant_id, "object": "organization.tenant", "deleted": True})
@@ -248,7 +248,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        await self._tenant(services, _caller(request), tenant_id)
+        await self._tenant(services, caller(request), tenant_id)
         body = decode(await request.body(), KeyCreate)
         expires_at: datetime | None
         if isinstance(body.expires_at, int):
@@ -287,7 +287,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        await self._tenant(services, _caller(request), tenant_id)
+        await self._tenant(services, caller(request), tenant_id)
         keys = await services.accounts.list_keys(tenant_id)
         return json_response({"object": "list", "data": [_key_body(k) for k in keys]})
 
@@ -298,7 +298,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        key = await self._key(services, _caller(request), key_id)
+        key = await self._key(services, caller(request), key_id)
         return json_response(_key_body(key))
 
     @delete("/keys/{key_id:str}", status_code=200)
@@ -308,7 +308,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        await self._key(services, _caller(request), key_id)
+        await self._key(services, caller(request), key_id)
         key = await services.accounts.revoke_key(key_id)
         services.authenticator.forget()
         return json_response(_key_body(key))
@@ -322,7 +322,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        await self._tenant(services, _caller(request), tenant_id)
+        await self._tenant(services, caller(request), tenant_id)
         policy = await services.accounts.get_quota(tenant_id)
         return json_response(_quota_body(tenant_id, None, policy))
 
@@ -333,9 +333,9 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        principal = _caller(request)
+        principal = caller(request)
         await self._tenant(services, principal, tenant_id)
-        _operator_only(principal, "change a tenant's quota")
+        operator_only(principal, "change a tenant's quota")
         body = decode(await request.body(), QuotaPut)
         policy = await services.accounts.set_quota(tenant_id, None, **msgspec.structs.asdict(body))
         services.authenticator.forget()
@@ -348,7 +348,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        key = await self._key(services, _caller(request), key_id)
+        key = await self._key(services, caller(request), key_id)
         policy = await services.accounts.get_quota(key.tenant_id, key.id)
         return json_response(_quota_body(key.tenant_id, key.id, policy))
 
@@ -359,7 +359,7 @@ class AdminController(Controller):
         request: Request[Any, Any, Any],
         services: NamedDependency[Services],
     ) -> Response[bytes]:
-        key = await self._key(services, _caller(request), key_id)
+        key = await self._key(services, caller(request), key_id)
         body = decode(await request.body(), QuotaPut)
         policy = await services.accounts.set_quota(
             key.tenant_id, key.id, **msgspec.structs.asdict(body)

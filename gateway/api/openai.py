@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from billing.events import EventStatus
 from gateway.admission import Ticket
 from gateway.api._generation import Generation, api_error, json_response
 from gateway.api._render import Flavor
@@ -28,6 +29,7 @@ from gateway.observe import Observation
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry
+from gateway.usage import Receipt, cost_header
 from serving import (
     EngineHost,
     GenerationEngine,
@@ -38,7 +40,17 @@ from serving import (
 __all__ = ["OpenAIController"]
 
 
+def _receipt(request: Request[Any, Any, Any], services: Services, operation: str) -> Receipt | None:
+    """How this request's usage event is made; ``None`` when nobody is billed (auth off)."""
+    principal = principal_of(request.scope)
+    if principal is None or principal.tenant_id is None:
+        return None
+    return Receipt(services.usage, principal, operation, request.scope.setdefault("state", {}))
+
+
 def _check_allowed(request: Request[Any, Any, Any], model: str) -> Principal | None:
+    state = request.scope.setdefault("state", {})
+    state["model"] = model  # for the usage event of a request that fails from here on
     principal = principal_of(request.scope)
     if principal is not None and principal.operator:
         # Work must land on a tenant's bill: the operator's token is for /admin/v1 only.
@@ -243,6 +255,7 @@ class OpenAIController(Controller):
             obs=obs,
             stream=req.stream,
             ticket=ticket,
+            receipt=_receipt(request, services, obs.operation),
         )
         if req.stream:
             return await gen.open_stream()
@@ -278,26 +291,54 @@ class OpenAIController(Controller):
         ticket = await _admit(request, services, engine.name, sum(map(len, token_lists)), 0)
         request_id = ticket.request_id
         obs = Observation(telemetry, "embeddings", engine.name, request_id)
+        receipt = _receipt(request, services, "embeddings")
+        prompt_tokens = sum(map(len, token_lists))
+
+        def failed(status: EventStatus, tokens: int) -> None:
+            if receipt is not None:
+                event = receipt.event(
+                    request_id,
+                    model=engine.name,
+                    status=status,
+                    prompt_tokens=tokens,
+                    started=obs.started,
+                )
+                services.usage.record_later(event)
+
         try:
             with obs.engine_span("engine.embed"):
                 batch = await engine.embed(token_lists, request_id)
         except ServingError as exc:
             ticket.settle(0, 0)
             obs.finish(error=type(exc).__name__)
+            failed(EventStatus.ERROR, 0)
             raise api_error(exc) from exc
         except BaseException as exc:
-            ticket.settle(sum(map(len, token_lists)), 0)
+            ticket.settle(prompt_tokens, 0)
             obs.finish(error=type(exc).__name__, outcome="aborted")
+            failed(EventStatus.ABORTED, prompt_tokens)
             raise
         ticket.settle(batch.prompt_tokens, 0)
         if req.dimensions is not None and req.dimensions != batch.dimensions:
             obs.finish(error="InvalidRequest")
+            failed(EventStatus.ERROR, batch.prompt_tokens)
             raise InvalidRequest(
                 f"This model produces {batch.dimensions} dimensions; "
                 "it cannot shorten its embeddings.",
                 param="dimensions",
             )
         obs.finish(input_tokens=batch.prompt_tokens)
+        receipt_headers: dict[str, str] = {}
+        if receipt is not None:
+            event = receipt.event(
+                request_id,
+                model=engine.name,
+                status=EventStatus.OK,
+                prompt_tokens=batch.prompt_tokens,
+                started=obs.started,
+            )
+            await services.usage.record(event)  # durable before the answer leaves
+            receipt_headers = cost_header(event)
         data = []
         for i, raw in enumerate(batch.vectors):
             vector: Any
@@ -306,7 +347,7 @@ class OpenAIController(Controller):
             else:
                 vector = array.array("f", raw).tolist()
             data.append({"object": "embedding", "index": i, "embedding": vector})
-        return json_response(
+        response = json_response(
             {
                 "object": "list",
                 "data": data,
@@ -317,6 +358,8 @@ class OpenAIController(Controller):
                 },
             }
         )
+        response.headers.update(receipt_headers)
+        return response
 
     @get("/models")
     async def list_models(

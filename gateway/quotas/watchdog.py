@@ -16,9 +16,19 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-__all__ = ["StoreWatchdog"]
+from gateway.quotas.store import StoreUnavailable
+
+__all__ = ["NotSent", "StoreWatchdog", "guarded"]
+
+T = TypeVar("T")
+
+
+class NotSent(StoreUnavailable):
+    """The store was known to be down, so the call was never made."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +111,35 @@ class StoreWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+
+
+async def guarded(
+    call: Coroutine[Any, Any, T], watchdog: StoreWatchdog | None, hard_timeout_s: float
+) -> T:
+    """Await a store call until it answers, the watchdog finds the store down, or
+    ``hard_timeout_s`` passes.
+
+    No short deadline per call: under a burst, replies wait behind other work on the event
+    loop, and such a deadline would refuse healthy traffic. Whether the store answers is the
+    watchdog's to say, from a thread of its own.
+
+    Raises:
+        NotSent: the store was already known to be down; the call was not made.
+        TimeoutError: the store went down while the call waited, or it took too long; the
+            call may or may not have taken effect.
+    """
+    if watchdog is not None and not watchdog.up:
+        call.close()
+        raise NotSent("the store does not answer")
+    task = asyncio.get_running_loop().create_task(call)
+    waits: set[asyncio.Future[Any]] = {task}
+    if watchdog is not None:
+        waits.add(watchdog.down())
+    try:
+        await asyncio.wait(waits, timeout=hard_timeout_s, return_when="FIRST_COMPLETED")
+        if task.done():
+            return task.result()
+        raise TimeoutError
+    finally:
+        if not task.done():
+            task.cancel()

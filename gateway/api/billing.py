@@ -1,0 +1,220 @@
+"""The admin API's money routes: prices, usage, invoices and finance exports.
+
+Prices are the operator's; usage, invoices and exports are open to a tenant's admin key for
+its own tenant only (a ``tenant`` parameter naming another is a 404, like a missing one).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+import msgspec
+from litestar import Controller, Request, Response, get, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
+
+from billing import export as exports
+from billing.invoices import build_invoice, invoice_to_dict, period_bounds
+from gateway.api._generation import json_response
+from gateway.api.admin import caller, operator_only, require_admin
+from gateway.api.schemas import decode
+from gateway.auth import Principal
+from gateway.errors import InvalidRequest, NotFound
+from gateway.services import Services
+
+__all__ = ["BillingController"]
+
+
+class PricePut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """USD per million tokens, as decimal strings (a JSON number is read from its text, never
+    through a float); embedding models use ``input_per_mtok``."""
+
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    output_per_mtok: Decimal = Decimal(0)
+    #: When this version starts (RFC 3339 with a zone, or unix seconds); default now.
+    effective_from: datetime | int | None = None
+
+
+def _price_body(price: Any) -> dict[str, Any]:
+    return {
+        "object": "price",
+        "id": price.id,
+        "model": price.model,
+        "input_per_mtok": f"{price.input_per_mtok:f}",
+        "cached_input_per_mtok": f"{price.cached_input_per_mtok:f}",
+        "output_per_mtok": f"{price.output_per_mtok:f}",
+        "effective_from": price.effective_from.isoformat(),
+    }
+
+
+def _day(value: str | None, param: str, default: date) -> date:
+    if value is None:
+        return default
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{param} must be a date (YYYY-MM-DD).", param=param) from None
+
+
+def _moment(value: str | None, param: str, default: datetime) -> datetime:
+    """A date (midnight UTC) or an RFC 3339 time with a zone."""
+    if value is None:
+        return default
+    try:
+        if len(value) == 10:
+            return datetime.combine(date.fromisoformat(value), time(), UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{param} must be a date or an RFC 3339 time.", param=param) from None
+    if moment.tzinfo is None:
+        raise InvalidRequest(f"{param} needs a time zone.", param=param)
+    return moment.astimezone(UTC)
+
+
+def _tenant_scope(principal: Principal, tenant: str | None) -> str | None:
+    """The tenant a query may cover: any for the operator, its own for a tenant admin."""
+    if principal.operator:
+        return tenant
+    if tenant is not None and tenant != principal.tenant_id:
+        raise NotFound(f"No tenant with id '{tenant}'.", param="tenant")
+    return principal.tenant_id
+
+
+class BillingController(Controller):
+    path = "/admin/v1"
+    guards = [require_admin]  # noqa: RUF012 (litestar reads it as a class attribute)
+
+    @put("/prices/{model:str}")
+    async def put_price(
+        self,
+        model: FromPath[str],
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+    ) -> Response[bytes]:
+        operator_only(caller(request), "set prices")
+        spec = services.host.catalog.get(model)
+        if spec is None:
+            raise InvalidRequest(f"Unknown model `{model}`.", param="model")
+        body = decode(await request.body(), PricePut)
+        if isinstance(body.effective_from, int):
+            effective = datetime.fromtimestamp(body.effective_from, UTC)
+        elif body.effective_from is not None:
+            if body.effective_from.tzinfo is None:
+                raise InvalidRequest("effective_from needs a time zone.", param="effective_from")
+            effective = body.effective_from.astimezone(UTC)
+        else:
+            effective = datetime.now(UTC)
+        cached = body.cached_input_per_mtok
+        for field, value in msgspec.structs.asdict(body).items():
+            if not isinstance(value, Decimal):
+                continue
+            if not value.is_finite() or value < 0:
+                raise InvalidRequest(f"{field} must be a non-negative amount.", param=field)
+            if value != value.quantize(Decimal("0.000001")):
+                raise InvalidRequest(f"{field} may have at most 6 decimals.", param=field)
+        price = await services.usage.ledger.set_price(
+            spec.name,
+            input_per_mtok=body.input_per_mtok,
+            cached_input_per_mtok=body.input_per_mtok if cached is None else cached,
+            output_per_mtok=body.output_per_mtok,
+            effective_from=effective,
+        )
+        await services.usage.refresh()
+        return json_response(_price_body(price))
+
+    @get("/prices")
+    async def list_prices(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services]
+    ) -> Response[bytes]:
+        caller(request)
+        prices = await services.usage.ledger.prices()
+        return json_response({"object": "list", "data": [_price_body(p) for p in prices]})
+
+    @get("/usage")
+    async def usage(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        tenant: FromQuery[str | None] = None,
+        start: FromQuery[str | None] = None,
+        end: FromQuery[str | None] = None,
+        group_by: FromQuery[Literal["model", "day", "key"]] = "day",
+    ) -> Response[bytes]:
+        scope = _tenant_scope(caller(request), tenant)
+        today = datetime.now(UTC).date()
+        first = _day(start, "start", today.replace(day=1))
+        last = _day(end, "end", today + timedelta(days=1))
+        rows = await services.usage.ledger.usage(
+            tenant_id=scope, start=first, end=last, group_by=group_by
+        )
+        data = [
+            {k: (f"{v:f}" if isinstance(v, Decimal) else v) for k, v in row.items()} for row in rows
+        ]
+        return json_response(
+            {
+                "object": "list",
+                "tenant": scope,
+                "start": first.isoformat(),
+                "end": last.isoformat(),
+                "group_by": group_by,
+                "data": data,
+            }
+        )
+
+    @get("/billing/invoices")
+    async def invoices(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        tenant: FromQuery[str | None] = None,
+        period: FromQuery[str | None] = None,
+    ) -> Response[bytes]:
+        scope = _tenant_scope(caller(request), tenant)
+        if scope is None:
+            raise InvalidRequest("tenant is required.", param="tenant")
+        if period is None:
+            period = datetime.now(UTC).strftime("%Y-%m")
+        try:
+            start, end = period_bounds(period)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="period") from None
+        try:
+            tenant_row = await services.accounts.get_tenant(scope)
+        except LookupError:
+            raise NotFound(f"No tenant with id '{scope}'.", param="tenant") from None
+        rows = await services.usage.ledger.invoice_rows(scope, start, end)
+        invoice = build_invoice(scope, tenant_row.name, period, rows)
+        return json_response(invoice_to_dict(invoice))
+
+    @get("/billing/export")
+    async def export(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        start: FromQuery[str | None] = None,
+        end: FromQuery[str | None] = None,
+        tenant: FromQuery[str | None] = None,
+        format: FromQuery[Literal["csv", "jsonl", "parquet", "focus"]] = "csv",
+    ) -> Stream:
+        scope = _tenant_scope(caller(request), tenant)
+        now = datetime.now(UTC)
+        first = _moment(
+            start, "start", now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        )
+        last = _moment(end, "end", now)
+        if last <= first:
+            raise InvalidRequest("end must be after start.", param="end")
+        names = {t.id: t.name for t in await services.accounts.list_tenants()}
+        prices = {p.id: p for p in await services.usage.ledger.prices()}
+        events = services.usage.ledger.iter_events(start=first, end=last, tenant_id=scope)
+        chunks = exports.export(events, format, tenant_names=names, prices=prices)
+        name = exports.filename(format, first, last, scope)
+        return Stream(
+            chunks,  # a plain iterator: litestar pulls it in a worker thread
+            media_type=exports.media_type(format),
+            headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
