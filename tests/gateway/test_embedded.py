@@ -4,6 +4,9 @@ demo tenant that ``make run`` bootstraps. No engines: this is about accounts and
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import json
 import os
 import stat
 import subprocess
@@ -103,3 +106,65 @@ def test_serve_without_an_admin_token_exits_with_a_message(tmp_path: Path) -> No
     )
     assert result.returncode == 2
     assert "TOLLGATE_ADMIN_TOKEN is required" in result.stderr
+
+
+def test_billing_cli_invoice_and_export(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from billing.events import UsageEvent
+    from billing.ledger import Ledger
+    from billing.pricing import rate
+    from gateway.cli import main
+    from gateway.db import AccountStore, make_engine
+
+    _demo(settings)
+    capsys.readouterr()
+
+    async def seed() -> tuple[str, Decimal]:
+        engine = make_engine(settings.database)
+        accounts, ledger = AccountStore(engine), Ledger(engine)
+        tenant = (await accounts.list_tenants())[0]
+        price = await ledger.set_price(
+            "demo-chat",
+            input_per_mtok=Decimal("2"),
+            cached_input_per_mtok=Decimal("1"),
+            output_per_mtok=Decimal("8"),
+            effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+        events = [
+            UsageEvent(
+                id=f"req_cli{i}",
+                occurred_at=datetime(2026, 11, 2 + i, tzinfo=UTC),
+                tenant_id=tenant.id,
+                key_id=None,
+                model="demo-chat",
+                operation="chat",
+                prompt_tokens=1000 + i,
+                completion_tokens=333 * i,
+                cost_usd=rate(price, 1000 + i, 0, 333 * i),
+                price_id=price.id,
+            )
+            for i in range(3)
+        ]
+        await ledger.record(events)
+        await accounts.close()
+        return tenant.id, sum((e.cost_usd for e in events), Decimal(0))
+
+    tenant_id, total = asyncio.run(seed())
+    data_dir = ["--data-dir", str(settings.data_path)]
+    assert (
+        main(["billing", "invoice", "--tenant", tenant_id, "--period", "2026-11", *data_dir]) == 0
+    )
+    invoice = json.loads(capsys.readouterr().out)
+    assert Decimal(invoice["total_usd"]) == total.quantize(Decimal("0.01"))
+    out = tmp_path / "focus.csv"
+    args = ["--start", "2026-11-01", "--end", "2026-12-01", "--format", "focus"]
+    assert main(["billing", "export", *args, "--output", str(out), *data_dir]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert sum(Decimal(r["BilledCost"]) for r in rows) == total
+    assert (
+        main(["billing", "invoice", "--tenant", "ten_nope", "--period", "2026-11", *data_dir]) == 2
+    )
