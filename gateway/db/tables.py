@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
+from billing.sqltypes import NAMING_CONVENTION
 from gateway.db.types import Money, UTCDateTime, utcnow
 from gateway.keys import random_base62
 
@@ -55,15 +56,7 @@ _ID_LENGTH = 32
 _RANDOM_ID_CHARS = 16
 
 #: The tables the migrations manage, with the names constraints and indexes are given.
-metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "ck": "ck_%(table_name)s_%(constraint_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 def new_tenant_id() -> str:
