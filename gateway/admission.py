@@ -19,7 +19,8 @@ from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from gateway.auth import Principal, usd_to_nusd
+from billing.pricing import to_nano_usd
+from gateway.auth import Principal
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.quotas import (
     BUDGET_DIMENSIONS,
@@ -140,7 +141,7 @@ class Admission:
         # No price book yet: a model without a price costs nothing.
         if self._pricer is None:
             return 0
-        return usd_to_nusd(self._pricer(model, prompt_tokens, completion_tokens))
+        return to_nano_usd(self._pricer(model, prompt_tokens, completion_tokens))
 
     async def admit(
         self,

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -68,11 +68,6 @@ def limits_of(policy: QuotaPolicy | None) -> Limits:
         monthly_tokens=policy.monthly_tokens,
         monthly_spend_nusd=None if spend is None else int(Decimal(spend) * _NANO),
     )
-
-
-def usd_to_nusd(amount: Decimal) -> int:
-    """A reservation in nano-USD, rounded up so that it never under-reserves."""
-    return int((amount * _NANO).to_integral_value(ROUND_CEILING))
 
 
 class _Entry(msgspec.Struct):
