@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import percentile, redis_url  # noqa: E402 (bench/ is the script's folder)
 
 CHAT_ONLY = """
 [[models]]
@@ -57,48 +56,6 @@ LIMITS = {
     "daily_tokens": 10**12,
     "monthly_tokens": 10**12,
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_url() -> Iterator[str]:
-    """``TOLLGATE_REDIS_URL`` if set, else a throwaway ``redis-server`` for this run."""
-    if os.environ.get("TOLLGATE_REDIS_URL"):
-        yield os.environ["TOLLGATE_REDIS_URL"]
-        return
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    folder = tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--dir", folder],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        import redis
-
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/1"
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def line(name: str, values_s: list[float], base_p50_s: float | None = None) -> float:
@@ -279,7 +236,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--skip-app", action="store_true")
     args = parser.parse_args()
-    with redis_url() as url:
+    with redis_url(db=1) as url:
         asyncio.run(in_process(args.requests, url))
         if not args.skip_app:
             asyncio.run(through_the_app(url, args.app_requests, args.rounds, args.concurrency))

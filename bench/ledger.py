@@ -25,10 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 # After the path is set: the benchmark runs from a checkout.
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
+from _common import percentile, redis_url  # noqa: E402 (bench/ is the script's folder)
 from sqlalchemy import Engine, delete, insert  # noqa: E402
 
 from billing.events import UsageEvent, encode_event  # noqa: E402
@@ -60,46 +58,6 @@ BATCH = 1000
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 #: Persistence as a production Redis runs it.
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def redis_url() -> Iterator[str]:
-    """``TOLLGATE_REDIS_URL`` if set, else a throwaway ``redis-server`` for this run."""
-    if os.environ.get("TOLLGATE_REDIS_URL"):
-        yield os.environ["TOLLGATE_REDIS_URL"]
-        return
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    folder = tempfile.mkdtemp()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--dir", folder, *AOF],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    break
-            time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -224,7 +182,7 @@ async def main() -> None:
     parser.add_argument("--appends", type=int, default=5000)
     args = parser.parse_args()
 
-    with postgres_url() as pg_url, redis_url() as r_url:
+    with postgres_url() as pg_url, redis_url(*AOF) as r_url:
         engine = make_engine(pg_url)
         try:
             ledger = Ledger(engine)

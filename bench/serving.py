@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import percentile  # noqa: E402 (bench/ is the script's folder)
+
 MODEL = "demo-chat"
 
 
@@ -42,11 +44,6 @@ class Round:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def prompts(n: int) -> list[str]:
