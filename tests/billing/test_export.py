@@ -28,6 +28,7 @@ from billing.export import (
     media_type,
 )
 from billing.pricing import Price, PriceBook, TokenClass, quantities, rate
+from tests.support.focus import FOCUS_NAMED_COLUMNS
 
 #: No example database: the tree is shared and ``.hypothesis/`` is not ignored by git.
 PROPERTY = settings(database=None, deadline=None, max_examples=40)
@@ -62,26 +63,7 @@ PRICES = [
 BOOK = PriceBook(PRICES)
 TENANTS = {"t-1": "Acme, Inc.", "t-2": 'The "Quoted" Co'}
 
-FOCUS_REQUIRED = {
-    "BilledCost",
-    "EffectiveCost",
-    "ListCost",
-    "ListUnitPrice",
-    "BillingCurrency",
-    "BillingPeriodStart",
-    "BillingPeriodEnd",
-    "ChargePeriodStart",
-    "ChargePeriodEnd",
-    "ChargeCategory",
-    "ChargeDescription",
-    "ConsumedQuantity",
-    "ConsumedUnit",
-    "PricingQuantity",
-    "PricingUnit",
-    "ResourceId",
-    "ServiceName",
-    "SubAccountId",
-    "SubAccountName",
+FOCUS_REQUIRED = FOCUS_NAMED_COLUMNS | {
     "ChargeClass",
     "ChargeFrequency",
     "PricingCategory",

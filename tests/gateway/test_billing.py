@@ -19,30 +19,10 @@ import pytest
 from billing.pricing import Price, rate
 from tests.conftest import Gateway
 from tests.support.admin import Admin
+from tests.support.focus import FOCUS_NAMED_COLUMNS
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "count to three"}]}
 PRICE = {"input_per_mtok": "1.25", "cached_input_per_mtok": "0.125", "output_per_mtok": "10.00"}
-FOCUS_COLUMNS = [
-    "BilledCost",
-    "EffectiveCost",
-    "ListCost",
-    "ListUnitPrice",
-    "BillingCurrency",
-    "BillingPeriodStart",
-    "BillingPeriodEnd",
-    "ChargePeriodStart",
-    "ChargePeriodEnd",
-    "ChargeCategory",
-    "ChargeDescription",
-    "ConsumedQuantity",
-    "ConsumedUnit",
-    "PricingQuantity",
-    "PricingUnit",
-    "ResourceId",
-    "ServiceName",
-    "SubAccountId",
-    "SubAccountName",
-]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +204,7 @@ def test_exports_and_invoice_agree_with_the_ledger(
 
     as_focus = admin.http.get("/billing/export", params={**params, "format": "focus"})
     focus = list(csv.DictReader(io.StringIO(as_focus.text)))
-    assert set(FOCUS_COLUMNS) <= set(focus[0])
+    assert set(FOCUS_NAMED_COLUMNS) <= set(focus[0])
     assert sum(Decimal(r["BilledCost"]) for r in focus) == total
     assert {r["SubAccountId"] for r in focus} == {tenant}
     assert {r["SubAccountName"] for r in focus} == {"finance"}
