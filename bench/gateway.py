@@ -37,18 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from _common import percentile, redis_url  # noqa: E402 (bench/ is the script's folder)
 
-CHAT_ONLY = """
-[[models]]
-name = "demo-chat"
-source = "{data_dir}/models/demo-chat"
-kind = "chat"
+from tests.support.catalogs import CHAT_ONLY  # noqa: E402 (after the path is set)
 
-[models.engine]
-max_model_len = 512
-dtype = "float32"
-kv_cache_gb = 0.25
-max_num_seqs = 128
-"""
 LIMITS = {
     "rpm": 10**9,
     "tpm": 10**12,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from datetime import datetime
 from decimal import Decimal
@@ -20,6 +19,7 @@ from billing.pricing import Price, rate
 from tests.conftest import Gateway
 from tests.support.admin import Admin
 from tests.support.focus import FOCUS_NAMED_COLUMNS
+from tests.support.waits import events_of
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "count to three"}]}
 PRICE = {"input_per_mtok": "1.25", "cached_input_per_mtok": "0.125", "output_per_mtok": "10.00"}
@@ -39,24 +39,6 @@ def priced(admin: Admin) -> Price:
         output_per_mtok=Decimal(body["output_per_mtok"]),
         effective_from=datetime.fromisoformat(body["effective_from"]),
     )
-
-
-def events_of(
-    admin: Admin, tenant: str, expected: int, timeout: float = 20
-) -> list[dict[str, Any]]:
-    """The tenant's events in the ledger once ``expected`` of them have been flushed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = admin.http.get(
-            "/billing/export",
-            params={"tenant": tenant, "format": "jsonl", "start": "2000-01-01"},
-        )
-        assert answer.status_code == 200, answer.text
-        rows = [json.loads(line) for line in answer.text.splitlines() if line]
-        if len(rows) >= expected:
-            return rows
-        assert time.monotonic() < deadline, f"{len(rows)} of {expected} events in the ledger"
-        time.sleep(0.2)
 
 
 def test_prices_are_the_operators(gateway: Gateway, admin: Admin, priced: Price) -> None:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
-from tests.gateway.test_replicas import CHAT_ONLY
+from tests.support.catalogs import CHAT_ONLY
 
 WORKERS = 8
 

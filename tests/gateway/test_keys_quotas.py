@@ -11,9 +11,10 @@ import httpx
 import openai
 import pytest
 
-from gateway.quotas import RedisQuotaStore, ScopeUsage
+from gateway.quotas import RedisQuotaStore
 from tests.conftest import Deployment, Gateway
 from tests.support.admin import Admin
+from tests.support.waits import settled
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "count to three"}]}
 
@@ -27,17 +28,6 @@ async def store(deployment: Deployment) -> AsyncIterator[RedisQuotaStore]:
     quota_store = RedisQuotaStore.from_url(deployment.redis.url, timeout_s=2)
     yield quota_store
     await quota_store.close()
-
-
-async def settled(store: RedisQuotaStore, tenant: str, scope: str) -> ScopeUsage:
-    """The scope's usage once every reservation of it has been settled (settling is async)."""
-    deadline = time.monotonic() + 10
-    while True:
-        usage = await store.usage(tenant, scope)
-        if usage.open_reservations == 0 and usage.in_flight == 0:
-            return usage
-        assert time.monotonic() < deadline, f"reservations still open: {usage}"
-        await asyncio.sleep(0.05)
 
 
 def test_requests_need_a_valid_key(gateway: Gateway) -> None:

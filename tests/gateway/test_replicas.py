@@ -12,19 +12,7 @@ import pytest
 
 from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
 from tests.support.admin import Admin
-
-CHAT_ONLY = """
-[[models]]
-name = "demo-chat"
-source = "{data_dir}/models/demo-chat"
-kind = "chat"
-
-[models.engine]
-max_model_len = 512
-dtype = "float32"
-kv_cache_gb = 0.25
-max_num_seqs = 128
-"""
+from tests.support.catalogs import CHAT_ONLY
 
 
 @pytest.fixture(scope="module")

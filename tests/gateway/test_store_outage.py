@@ -13,9 +13,8 @@ import pytest
 
 from gateway.quotas import RedisQuotaStore
 from tests.conftest import Collector, Deployment, Gateway
-from tests.gateway.test_billing import events_of
-from tests.gateway.test_keys_quotas import settled
 from tests.support.admin import Admin
+from tests.support.waits import events_of, settled
 
 BODY = {"model": "demo-chat", "prompt": "hello there", "max_tokens": 4}
 
