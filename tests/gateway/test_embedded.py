@@ -168,3 +168,21 @@ def test_billing_cli_invoice_and_export(
     assert (
         main(["billing", "invoice", "--tenant", "ten_nope", "--period", "2026-11", *data_dir]) == 2
     )
+
+
+def test_db_upgrade_command_migrates_the_embedded_database(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "db", "upgrade", "--data-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "database at head" in result.stdout
+    from gateway.db import current
+    from gateway.db.migrate import head
+
+    assert current(f"sqlite:///{tmp_path / 'tollgate.db'}") == head()
