@@ -1,4 +1,5 @@
-"""The usage ledger: every usage event once, its daily rollups, and the price versions.
+"""The usage ledger: every usage event once, its daily rollups, the price versions, and the
+dead letters (`billing.deadletter`: outbox entries it could not take).
 
 Writing events is idempotent: an event whose id is stored already is skipped, and only the
 events actually inserted are added to the rollups, in the same transaction, so a redelivered
@@ -42,6 +43,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from billing.deadletter import (
+    DeadLetter,
+    Rejected,
+    Source,
+    count_dead_letters,
+    read_dead_letters,
+    store_dead_letters,
+)
 from billing.events import UsageEvent
 from billing.invoices import InvoiceRow
 from billing.pricing import EXACT_CONTEXT, Price, PriceBook, TokenClass, class_amounts, quantities
@@ -73,6 +82,8 @@ _T = TypeVar("_T")
 #: What `Ledger.usage` groups by.
 GroupBy = Literal["model", "day", "key"]
 _INT64_MAX = 2**63 - 1
+#: The range of ``usage_event.price_id`` (an ``INTEGER``).
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 #: The longest value of each string column of ``usage_event``.
 _LENGTHS = {"id": 64, "tenant_id": 32, "key_id": 32, "model": 200, "operation": 32}
 _COUNTS = ("prompt_tokens", "cached_tokens", "completion_tokens")
@@ -103,9 +114,10 @@ def check_event(event: UsageEvent) -> None:
     """Checks that the ledger can store ``event`` as it is.
 
     Raises:
-        InvalidEvent: a string is empty (the id) or too long, the time is naive, a count is
-            negative or too large, or the cost is not an exact non-negative `Decimal` with at
-            most 12 places.
+        InvalidEvent: a string is empty (the id), too long or holds a NUL character (which
+            PostgreSQL cannot store), the time is naive, a count is negative or too large,
+            the price id is out of range, or the cost is not an exact non-negative `Decimal`
+            with at most 12 places.
     """
     if not event.id:
         raise InvalidEvent("a usage event needs an id")
@@ -113,6 +125,8 @@ def check_event(event: UsageEvent) -> None:
         value = getattr(event, name)
         if value is not None and len(value) > length:
             raise InvalidEvent(f"event {event.id[:64]!r}: {name} is longer than {length}")
+        if value is not None and "\x00" in value:
+            raise InvalidEvent(f"event {event.id!r}: {name} holds a NUL character")
     if event.occurred_at.utcoffset() is None:
         raise InvalidEvent(f"event {event.id!r}: occurred_at is naive")
     for name in _COUNTS:
@@ -123,6 +137,8 @@ def check_event(event: UsageEvent) -> None:
         value = getattr(event, name)
         if value is not None and not math.isfinite(value):
             raise InvalidEvent(f"event {event.id!r}: {name} is not finite")
+    if event.price_id is not None and not _INT32_MIN <= event.price_id <= _INT32_MAX:
+        raise InvalidEvent(f"event {event.id!r}: price_id is out of range: {event.price_id!r}")
     try:
         cost = to_exact(event.cost_usd, COST_PRECISION, COST_PLACES)
     except (TypeError, ValueError) as exc:
@@ -358,6 +374,44 @@ class Ledger:
             return Decimal(0) if total is None else Decimal(total)
 
         return await self._run(work)
+
+    # Dead letters
+
+    async def dead_letter(self, source: Source, rejected: Iterable[Rejected]) -> int:
+        """Stores outbox entries the ledger could not take, in one transaction.
+
+        Args:
+            source: The outbox kind they came from.
+            rejected: The entries, each with its raw payload and the reason.
+
+        Returns:
+            How many were stored.
+        """
+        entries = list(rejected)
+        if not entries:
+            return 0
+        return await self._run(lambda connection: store_dead_letters(connection, source, entries))
+
+    def dead_letter_sync(
+        self, bind: Connection | Session, source: Source, rejected: Iterable[Rejected]
+    ) -> int:
+        """`dead_letter` inside the caller's transaction, which the caller commits or rolls back."""
+        connection = bind.connection() if isinstance(bind, Session) else bind
+        return store_dead_letters(connection, source, rejected)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest ``limit`` dead letters, newest first.
+
+        Raises:
+            ValueError: ``limit`` is less than 1.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._run(lambda connection: read_dead_letters(connection, limit))
+
+    async def count_dead_letters(self) -> int:
+        """How many dead letters the ledger holds."""
+        return await self._run(count_dead_letters)
 
     # Reports
 

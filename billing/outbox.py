@@ -17,6 +17,11 @@ died) is delivered again, and the ledger counts a second copy once. Two kinds:
 - `RedisOutbox`: a Redis stream (Redis 6.2 or later) read through a consumer group, shared
   by every replica. It is as durable as the server's persistence (``appendfsync``) makes it.
 
+An entry whose payload does not decode holds up nothing behind it: `Outbox.claim_entries`
+hands it back with its raw payload and the reason (`Claimed.rejected`), for the flusher to
+move to the dead letters (`billing.deadletter`) and acknowledge; `SqlOutbox.drain_into`
+dead-letters it, and every event the ledger refuses, in its own transaction.
+
 `make_outbox` picks one. Exceptions::
 
     OutboxError            base of the outbox's errors
@@ -36,18 +41,22 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
+import msgspec
 import redis.asyncio
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy.exc import DBAPIError
 
+from billing.deadletter import Rejected, Source, reject
 from billing.events import UsageEvent, decode_event, encode_event
-from billing.ledger import Ledger, check_event
+from billing.ledger import InvalidEvent, Ledger, check_event
 from billing.tables import outbox
 
 __all__ = [
+    "Claimed",
+    "Drained",
     "Outbox",
     "OutboxError",
     "OutboxUnavailable",
@@ -79,8 +88,47 @@ def _unavailable(exc: BaseException) -> OutboxUnavailable:
     return OutboxUnavailable(f"usage outbox unavailable ({type(exc).__name__})")
 
 
+class Claimed(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry `Outbox.claim_entries` took: its event, or why its payload holds none."""
+
+    #: What `Outbox.ack` takes to remove the entry.
+    handle: str
+    #: The payload as the outbox held it (what a dead letter keeps).
+    payload: bytes
+    #: The event; ``None`` when the payload does not decode.
+    event: UsageEvent | None = None
+    #: The dead letter to store instead, when the payload does not decode.
+    rejected: Rejected | None = None
+
+
+class Drained(msgspec.Struct, frozen=True, kw_only=True):
+    """What one `SqlOutbox.drain_into` took out of the outbox."""
+
+    #: Events handed to the ledger (new to it or not).
+    recorded: int
+    #: Entries moved to the dead letters instead.
+    dead_lettered: int
+
+    @property
+    def moved(self) -> int:
+        """Every entry that left the outbox."""
+        return self.recorded + self.dead_lettered
+
+
+def _decoded(handle: str, payload: bytes, event_id: str | None = None) -> Claimed:
+    """The claimed entry of ``payload``: its event, or a dead letter when it does not decode."""
+    try:
+        event = decode_event(payload)
+    except msgspec.DecodeError as exc:
+        return Claimed(handle=handle, payload=payload, rejected=reject(payload, exc, event_id))
+    return Claimed(handle=handle, payload=payload, event=event)
+
+
 class Outbox(abc.ABC):
     """Usage events on their way to the ledger: appended once, delivered at least once."""
+
+    #: The outbox kind, as its dead letters name it.
+    source: ClassVar[Source]
 
     @abc.abstractmethod
     async def append(self, event: UsageEvent) -> None:
@@ -92,15 +140,32 @@ class Outbox(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def claim(self, max_events: int) -> list[tuple[str, UsageEvent]]:
-        """Up to ``max_events`` unacknowledged events, oldest first, each with its handle.
+    async def claim_entries(self, max_entries: int) -> list[Claimed]:
+        """Up to ``max_entries`` unacknowledged entries, oldest first.
 
-        An event claimed and not acknowledged is claimed again later (at once by
-        `SqlOutbox`, after ``claim_idle_ms`` by another consumer of a `RedisOutbox`).
+        An entry claimed and not acknowledged is claimed again later (at once by
+        `SqlOutbox`, after ``claim_idle_ms`` by another consumer of a `RedisOutbox`). An
+        entry whose payload does not decode comes with `Claimed.rejected` set instead of
+        its event: the caller stores that dead letter, then acknowledges it with the rest.
 
         Raises:
             OutboxUnavailable: the store failed.
         """
+
+    async def claim(self, max_events: int) -> list[tuple[str, UsageEvent]]:
+        """The events of `claim_entries`, each with its handle.
+
+        Entries that do not decode are claimed but left out: they stay in the outbox until
+        a caller of `claim_entries` dead-letters them.
+
+        Raises:
+            OutboxUnavailable: the store failed.
+        """
+        return [
+            (entry.handle, entry.event)
+            for entry in await self.claim_entries(max_events)
+            if entry.event is not None
+        ]
 
     @abc.abstractmethod
     async def ack(self, handles: Sequence[str]) -> None:
@@ -124,6 +189,8 @@ class SqlOutbox(Outbox):
             (SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``); ``"FULL"``:
             also a power cut or a database crash, at the cost of a disk flush per append.
     """
+
+    source = "sql"
 
     def __init__(
         self, engine: Engine, *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
@@ -219,13 +286,17 @@ class SqlOutbox(Outbox):
                 )
             )
 
-    async def claim(self, max_events: int) -> list[tuple[str, UsageEvent]]:
-        query = select(outbox.c.seq, outbox.c.payload).order_by(outbox.c.seq).limit(max_events)
+    async def claim_entries(self, max_entries: int) -> list[Claimed]:
+        query = (
+            select(outbox.c.seq, outbox.c.event_id, outbox.c.payload)
+            .order_by(outbox.c.seq)
+            .limit(max_entries)
+        )
 
-        def work() -> list[tuple[str, UsageEvent]]:
+        def work() -> list[Claimed]:
             with self._engine.connect() as connection:
                 rows = connection.execute(query).all()
-            return [(str(seq), decode_event(payload)) for seq, payload in rows]
+            return [_decoded(str(seq), bytes(payload), event_id) for seq, event_id, payload in rows]
 
         return await self._threaded(work)
 
@@ -240,20 +311,22 @@ class SqlOutbox(Outbox):
 
         await self._threaded(work)
 
-    async def drain_into(self, ledger: Ledger, max_events: int) -> int:
-        """Moves the oldest ``max_events`` events into ``ledger`` in one transaction.
+    async def drain_into(self, ledger: Ledger, max_events: int) -> Drained:
+        """Moves the oldest ``max_events`` entries into ``ledger`` in one transaction.
 
-        The rows are deleted from the outbox and the events recorded in the same
-        transaction, so each event counts exactly once whatever fails when. Several drainers
-        at once take different rows (PostgreSQL skips rows another one has locked; SQLite
-        has one writer at a time).
+        The rows are deleted from the outbox and their events recorded in the same
+        transaction, so each event counts exactly once whatever fails when. A row whose
+        payload does not decode, or whose event the ledger refuses (`check_event`), goes to
+        the ledger's dead letters in that transaction too, and the rest of the batch is
+        recorded. Several drainers at once take different rows (PostgreSQL skips rows
+        another one has locked; SQLite has one writer at a time).
 
         Returns:
-            How many events left the outbox (new to the ledger or not).
+            How many entries left the outbox: events recorded (new to the ledger or not)
+            and entries dead-lettered.
 
         Raises:
             ValueError: ``ledger`` is in another database.
-            InvalidEvent: an event cannot be recorded; nothing moved.
             OutboxUnavailable: the database failed; nothing moved.
         """
         if not self.shares_database(ledger):
@@ -265,14 +338,29 @@ class SqlOutbox(Outbox):
         statement = (
             delete(outbox)
             .where(outbox.c.seq.in_(oldest.scalar_subquery()))
-            .returning(outbox.c.seq, outbox.c.payload)
+            .returning(outbox.c.seq, outbox.c.event_id, outbox.c.payload)
         )
 
-        def work() -> int:
+        def work() -> Drained:
             with self._engine.begin() as connection:
                 rows = sorted(connection.execute(statement).all())
-                ledger.record_sync(connection, [decode_event(payload) for _, payload in rows])
-            return len(rows)
+                events: list[UsageEvent] = []
+                rejected: list[Rejected] = []
+                for seq, event_id, payload in rows:
+                    entry = _decoded(str(seq), bytes(payload), event_id)
+                    if entry.event is None:
+                        assert entry.rejected is not None  # set when the event is not
+                        rejected.append(entry.rejected)
+                        continue
+                    try:
+                        check_event(entry.event)
+                    except InvalidEvent as exc:
+                        rejected.append(reject(entry.payload, exc, event_id))
+                        continue
+                    events.append(entry.event)
+                ledger.record_sync(connection, events)
+                ledger.dead_letter_sync(connection, self.source, rejected)
+            return Drained(recorded=len(events), dead_lettered=len(rejected))
 
         return await self._threaded(work)
 
@@ -326,6 +414,8 @@ class RedisOutbox(Outbox):
         owns_client: Whether `close` closes ``client``.
     """
 
+    source = "redis"
+
     def __init__(
         self,
         client: redis.asyncio.Redis,
@@ -359,18 +449,18 @@ class RedisOutbox(Outbox):
         async with self._calling():
             await self._client.xadd(self._stream, {_FIELD: payload})
 
-    async def claim(self, max_events: int) -> list[tuple[str, UsageEvent]]:
+    async def claim_entries(self, max_entries: int) -> list[Claimed]:
         async with self._calling():
             try:
-                return await self._claim(max_events)
+                return await self._claim(max_entries)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 # The stream went away (flushed, or a server that lost its data): again.
                 self._group_ready = False
-                return await self._claim(max_events)
+                return await self._claim(max_entries)
 
-    async def _claim(self, max_events: int) -> list[tuple[str, UsageEvent]]:
+    async def _claim(self, max_events: int) -> list[Claimed]:
         if not self._group_ready:
             try:
                 # From the stream's start: events appended before any flusher ran count too.
@@ -403,10 +493,19 @@ class RedisOutbox(Outbox):
         claimed = []
         for entry_id, fields in entries:
             # An entry deleted while claimed comes back without fields; nothing to deliver.
-            if fields:
-                handle = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                payload = fields.get(_FIELD, fields.get(_FIELD.decode()))
-                claimed.append((handle, decode_event(payload)))
+            if not fields:
+                continue
+            handle = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            payload = fields.get(_FIELD, fields.get(_FIELD.decode()))
+            if payload is None:
+                # Not an entry of `append`: the dead letter keeps every field it has.
+                raw = msgspec.json.encode({_text(k): _text(v) for k, v in fields.items()})
+                missing = LookupError(f"the stream entry has no field {_FIELD.decode()!r}")
+                claimed.append(Claimed(handle=handle, payload=raw, rejected=reject(raw, missing)))
+                continue
+            if isinstance(payload, str):  # a client made with decode_responses
+                payload = payload.encode()
+            claimed.append(_decoded(handle, payload))
         return claimed
 
     async def ack(self, handles: Sequence[str]) -> None:
@@ -443,6 +542,10 @@ class RedisOutbox(Outbox):
         except (RedisError, OSError) as exc:
             # TimeoutError (asyncio's deadline, a socket's) is an OSError.
             raise _unavailable(exc) from exc
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def make_outbox(

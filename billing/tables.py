@@ -1,9 +1,10 @@
-"""The billing tables: price versions, usage events, their daily rollups and the SQL outbox.
+"""The billing tables: price versions, usage events, their daily rollups, the SQL outbox and
+the dead letters.
 
 Billing keeps a `metadata` of its own, apart from the accounts tables, and no foreign key
 into them: ``tenant_id`` and ``key_id`` are plain strings, so usage outlives the tenants and
-keys it names. The migration ``0002_billing`` creates exactly these tables; a test compares
-the two.
+keys it names. The migrations ``0002_billing`` and ``0003_dead_letters`` create exactly these
+tables; a test compares the two.
 
 The tables are SQLAlchemy Core tables, not mapped classes: the ledger reads and writes them
 in bulk statements (thousands of rows at once) and never needs an object per row.
@@ -64,6 +65,7 @@ __all__ = [
     "price",
     "price_from_row",
     "to_exact",
+    "usage_dead_letter",
     "usage_event",
     "usage_rollup",
     "utcnow",
@@ -176,6 +178,28 @@ outbox = Table(
     Column("event_id", _EVENT_ID, nullable=False),
     #: The event as `billing.events.encode_event` makes it (JSON).
     Column("payload", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+#: Outbox entries the ledger could not take (`billing.deadletter`): a payload that does not
+#: decode, or an event the ledger refuses, kept as it was received.
+usage_dead_letter = Table(
+    "usage_dead_letter",
+    metadata,
+    Column(
+        "seq",
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    #: The event id as far as it can be read; ``NULL`` when the payload holds none.
+    Column("event_id", _EVENT_ID, nullable=True),
+    #: The outbox kind it came from: ``redis`` or ``sql``.
+    Column("source", String(16), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    #: The error class and a short message.
+    Column("error", String(500), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     sqlite_autoincrement=True,
 )

@@ -2,10 +2,12 @@
 
 Prices are the operator's; usage, invoices and exports are open to a tenant's admin key for
 its own tenant only (a ``tenant`` parameter naming another is a 404, like a missing one).
+The dead letters (usage events the ledger could not take) are the operator's.
 """
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -17,6 +19,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
 
 from billing import export as exports
+from billing.deadletter import DeadLetter
 from billing.invoices import build_invoice, invoice_to_dict, period_bounds
 from gateway.api._generation import json_response
 from gateway.api.admin import caller, operator_only, require_admin
@@ -48,6 +51,21 @@ def _price_body(price: Any) -> dict[str, Any]:
         "cached_input_per_mtok": f"{price.cached_input_per_mtok:f}",
         "output_per_mtok": f"{price.output_per_mtok:f}",
         "effective_from": price.effective_from.isoformat(),
+    }
+
+
+#: The most dead letters one listing returns.
+_MAX_DEAD_LETTERS = 1000
+
+
+def _dead_letter_body(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "seq": letter.seq,
+        "event_id": letter.event_id,
+        "source": letter.source,
+        "error": letter.error,
+        "created_at": letter.created_at.isoformat(),
+        "payload": base64.b64encode(letter.payload).decode("ascii"),
     }
 
 
@@ -217,4 +235,25 @@ class BillingController(Controller):
             chunks,  # a plain iterator: litestar pulls it in a worker thread
             media_type=exports.media_type(format),
             headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
+
+    @get("/billing/dead-letters")
+    async def dead_letters(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        limit: FromQuery[int] = 100,
+    ) -> Response[bytes]:
+        operator_only(caller(request), "read the dead letters")
+        if not 1 <= limit <= _MAX_DEAD_LETTERS:
+            raise InvalidRequest(f"limit must be between 1 and {_MAX_DEAD_LETTERS}.", param="limit")
+        ledger = services.usage.ledger
+        letters = await ledger.dead_letters(limit)
+        total = await ledger.count_dead_letters()
+        return json_response(
+            {
+                "object": "list",
+                "data": [_dead_letter_body(letter) for letter in letters],
+                "total": total,
+            }
         )

@@ -23,7 +23,7 @@ from gateway.db import current
 from gateway.db.migrate import head
 from tests.billing.conftest import T0, Events
 
-BILLING_TABLES = {"price", "usage_event", "usage_rollup", "outbox"}
+BILLING_TABLES = {"price", "usage_event", "usage_rollup", "outbox", "usage_dead_letter"}
 
 
 def rollup_totals(engine: Engine) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def event_totals(events: list[UsageEvent], prices: dict[int, Price]) -> dict[str
 
 
 def test_migrations_reach_head_with_the_billing_tables(engine: Engine) -> None:
-    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0002"
+    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0003"
     assert BILLING_TABLES.issubset(inspect(engine).get_table_names())
 
 

@@ -19,7 +19,7 @@ import redis.asyncio
 from sqlalchemy import Engine, func, select
 
 from billing.ledger import InvalidEvent, Ledger
-from billing.outbox import Outbox, OutboxUnavailable, RedisOutbox, SqlOutbox, make_outbox
+from billing.outbox import Drained, Outbox, OutboxUnavailable, RedisOutbox, SqlOutbox, make_outbox
 from billing.tables import outbox as outbox_table
 from gateway.db import make_engine, upgrade
 from tests.billing.conftest import Events, empty, sqlite_path
@@ -128,10 +128,10 @@ async def test_sql_drain_moves_a_batch_in_one_transaction(
             await box.append(event)
         # One copy is in the ledger already (a redelivery): it counts once.
         await ledger.record(appended[:1])
-        assert await box.drain_into(ledger, 20) == 20
+        assert await box.drain_into(ledger, 20) == Drained(recorded=20, dead_lettered=0)
         assert await ledger.count_events() == 20
-        assert await box.drain_into(ledger, 20) == 10
-        assert await box.drain_into(ledger, 20) == 0
+        assert (await box.drain_into(ledger, 20)).moved == 10
+        assert (await box.drain_into(ledger, 20)).moved == 0
         assert await ledger.count_events() == 30
         with engine.connect() as connection:
             assert connection.execute(select(func.count()).select_from(outbox_table)).scalar() == 0
@@ -142,34 +142,37 @@ async def test_sql_drain_moves_a_batch_in_one_transaction(
         await box.close()
 
 
-async def test_sql_drain_rolls_back_what_the_ledger_refuses(
+async def test_sql_drain_dead_letters_what_the_ledger_refuses(
     engine: Engine, ledger: Ledger, events: Events
 ) -> None:
     box = SqlOutbox(engine)
     try:
         await box.append(events.make())
+        # A row no producer of this version writes: an event the ledger cannot store.
+        payload = msgspec.json.encode(
+            {
+                "id": "bad",
+                "occurred_at": "2026-03-01T00:00:00",
+                "tenant_id": "t",
+                "key_id": None,
+                "model": "m",
+                "operation": "chat",
+            }
+        )
         with engine.begin() as connection:
-            # A row no producer of this version writes: an event the ledger cannot store.
             connection.execute(
                 outbox_table.insert().values(
-                    event_id="bad",
-                    payload=msgspec.json.encode(
-                        {
-                            "id": "bad",
-                            "occurred_at": "2026-03-01T00:00:00",
-                            "tenant_id": "t",
-                            "key_id": None,
-                            "model": "m",
-                            "operation": "chat",
-                        }
-                    ),
-                    created_at=events.make().occurred_at,
+                    event_id="bad", payload=payload, created_at=events.make().occurred_at
                 )
             )
-        with pytest.raises(InvalidEvent):
-            await box.drain_into(ledger, 10)
-        assert await ledger.count_events() == 0
+        # The claim hands it out as an event (it decodes); the ledger is what refuses it.
         assert len(await box.claim(10)) == 2
+        assert await box.drain_into(ledger, 10) == Drained(recorded=1, dead_lettered=1)
+        assert await ledger.count_events() == 1
+        [letter] = await ledger.dead_letters()
+        assert (letter.event_id, letter.source, letter.payload) == ("bad", "sql", payload)
+        assert letter.error.startswith("InvalidEvent: ")
+        assert await box.claim(10) == []
     finally:
         await box.close()
 
