@@ -71,7 +71,14 @@ def create_app(
         else MemoryQuotaStore()
     )
     authenticator = Authenticator(
-        accounts, secret=secret, admin_token=admin_token, cache_s=settings.key_cache_s
+        accounts,
+        secret=secret,
+        admin_token=admin_token,
+        cache_s=settings.key_cache_s,
+        stale_s=settings.key_stale_s,
+        unknown_cache_s=settings.key_unknown_cache_s,
+        lookup_timeout_s=settings.key_lookup_timeout_ms / 1000,
+        max_lookups=settings.key_lookup_concurrency,
     )
     services_box: dict[str, Services] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
@@ -55,6 +56,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     quota_lease_s: int = 900
     #: How long a key lookup is trusted; a revoked key stops working within this.
     key_cache_s: float = 1.0
+    #: While the accounts database fails, a key found within this long keeps working.
+    key_stale_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    #: How long a well-formed key that is not found is remembered as not found.
+    key_unknown_cache_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    #: How long a request waits for a key lookup before it gets 503 (or the stale entry).
+    key_lookup_timeout_ms: Annotated[int, msgspec.Meta(gt=0)] = 2000
+    #: The most key lookups in the database at once; unknown keys may hold half of them.
+    key_lookup_concurrency: Annotated[int, msgspec.Meta(ge=2)] = 4
     #: Run database migrations at start-up.
     migrate: bool = True
 
