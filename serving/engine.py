@@ -6,14 +6,16 @@ money or HTTP. :mod:`serving.vllm_engine` implements it on vLLM.
 Exceptions::
 
     ServingError                 base of everything raised here
-    ├── EngineNotReady           the engine is starting or stopped; retry later
-    ├── EngineDead               the engine process died; not recoverable in this process
+    ├── EngineNotReady           the engine is starting, restarting or stopped; retry later
+    ├── EngineDead               the engine process died under the request; the supervisor
+    │                            restarts it, so a later request may succeed
     └── InvalidPrompt            the request cannot be served as given (caller's fault)
 """
 
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
@@ -27,11 +29,13 @@ __all__ = [
     "EmbeddingEngine",
     "EngineDead",
     "EngineNotReady",
+    "EngineState",
     "EngineStats",
     "GenerationChunk",
     "GenerationEngine",
     "InvalidPrompt",
     "ModelEngine",
+    "ResponseFormat",
     "SamplingOptions",
     "ServingError",
     "TokenLogprob",
@@ -46,11 +50,22 @@ class ServingError(Exception):
 
 
 class EngineNotReady(ServingError):
-    """The engine is starting or shutting down; the same request may succeed later."""
+    """The engine is starting, restarting or shutting down; the same request may succeed later.
+
+    ``retry_after_s`` estimates when it will be ready (``None`` when nothing is known).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class EngineDead(ServingError):
-    """The engine process died; requests fail until the process is restarted."""
+    """The engine process died while the request ran; the engine is being restarted."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidPrompt(ServingError):
@@ -63,8 +78,17 @@ class InvalidPrompt(ServingError):
         self.too_long = too_long
 
 
+class ResponseFormat(msgspec.Struct, frozen=True):
+    """A constraint on the output: any JSON object, or JSON that matches a schema."""
+
+    kind: Literal["json_object", "json_schema"]
+    #: The JSON Schema, as JSON text (``json_schema`` only).
+    schema: str | None = None
+
+
 class SamplingOptions(msgspec.Struct, frozen=True):
-    """Sampling knobs, named as the OpenAI API names them."""
+    """Sampling knobs, named as the OpenAI API names them (plus vLLM's ``top_k``, ``min_p``,
+    ``repetition_penalty`` and ``ignore_eos``)."""
 
     max_tokens: int
     temperature: float | None = None
@@ -77,6 +101,12 @@ class SamplingOptions(msgspec.Struct, frozen=True):
     #: Number of alternatives to report per token; ``None`` asks for no logprobs at all.
     logprobs: int | None = None
     ignore_eos: bool = False
+    #: Token id to a bias added to its logit, in [-100, 100].
+    logit_bias: dict[int, float] | None = None
+    response_format: ResponseFormat | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
 
 
 class TopLogprob(msgspec.Struct, array_like=True):
@@ -115,10 +145,27 @@ class EmbeddingBatch(msgspec.Struct):
     prompt_tokens: int
 
 
+class EngineState(enum.StrEnum):
+    """Where an engine is in its life."""
+
+    #: Starting for the first time, or again after a crash.
+    STARTING = "starting"
+    READY = "ready"
+    #: Its process died; a restart is scheduled (after a backoff).
+    FAILED = "failed"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
 class EngineStats(msgspec.Struct):
     """What the engine's scheduler last reported, plus high-water marks since start."""
 
     ready: bool = False
+    state: EngineState = EngineState.STOPPED
+    #: Restarts after a crash since the process started.
+    restarts: int = 0
+    #: Why the engine last failed (the error's class and message).
+    last_error: str | None = None
     running: int = 0
     waiting: int = 0
     peak_running: int = 0
@@ -148,6 +195,10 @@ class ModelEngine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current scheduler figures; cheap enough to call per request."""
+
+    @property
+    def state(self) -> EngineState:
+        return self.stats().state
 
     @property
     @abc.abstractmethod
@@ -192,15 +243,25 @@ class GenerationEngine(ModelEngine):
         With ``stream`` each chunk carries what is new; without it one chunk carries all.
         Closing the iterator early aborts the request in the engine.
 
+        Nothing reaches the engine until the iterator is first advanced; then, if the engine
+        is restarting, the request waits for it a bounded time.
+
         Raises:
             InvalidPrompt: at once, before anything is iterated, when the prompt or the
-                options cannot be served.
-            EngineNotReady, EngineDead: at once, when the engine cannot take requests.
+                options cannot be served; or from the first ``anext`` when the engine's own
+                validation refuses them.
+            EngineNotReady: the engine never started, or did not come back in time.
+            EngineDead: the engine died while the request ran.
         """
 
 
 class EmbeddingEngine(ModelEngine):
     """A model that maps texts to vectors."""
+
+    @property
+    @abc.abstractmethod
+    def dimensions(self) -> int:
+        """The length of each vector (0 before the engine first started)."""
 
     @abc.abstractmethod
     async def embed(self, inputs: Sequence[list[int]], request_id: str) -> EmbeddingBatch:

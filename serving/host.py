@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from serving.catalog import Catalog, ModelSpec
 from serving.engine import EmbeddingEngine, EngineStats, GenerationEngine, ModelEngine
@@ -15,13 +16,18 @@ __all__ = ["EngineHost", "make_engine", "settle_process"]
 logger = logging.getLogger(__name__)
 
 
-def make_engine(spec: ModelSpec, engine_cpus: set[int] | None = None) -> ModelEngine:
+def make_engine(
+    spec: ModelSpec,
+    engine_cpus: set[int] | None = None,
+    *,
+    ready_wait_s: float = 10.0,
+    on_ready: Callable[[], None] | None = None,
+) -> ModelEngine:
     """The engine implementation for one catalog entry."""
     from serving.vllm_engine import VllmEmbeddingEngine, VllmGenerationEngine
 
-    if spec.kind == "embedding":
-        return VllmEmbeddingEngine(spec, engine_cpus)
-    return VllmGenerationEngine(spec, engine_cpus)
+    kind = VllmEmbeddingEngine if spec.kind == "embedding" else VllmGenerationEngine
+    return kind(spec, engine_cpus, ready_wait_s=ready_wait_s, on_ready=on_ready)
 
 
 def settle_process() -> None:
@@ -42,9 +48,14 @@ def settle_process() -> None:
 
 
 class EngineHost:
-    """The co-located engines of one process, sharing its event loop."""
+    """The co-located engines of one process, sharing its event loop.
 
-    def __init__(self, catalog: Catalog) -> None:
+    Args:
+        catalog: The models to serve.
+        ready_wait_s: How long a request waits for an engine that is restarting.
+    """
+
+    def __init__(self, catalog: Catalog, *, ready_wait_s: float = 10.0) -> None:
         # Weights come from disk, never from the network, unless the operator says otherwise.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from serving.vllm_engine import configure_cpu_binding
@@ -52,9 +63,21 @@ class EngineHost:
         self.catalog = catalog
         # Nothing to split the cores for without engines (and no thread to pin).
         self._cpus = cpus = configure_cpu_binding() if catalog.models else None
+        self._started = False
         self._engines: dict[str, ModelEngine] = {
-            spec.name: make_engine(spec, cpus) for spec in catalog
+            spec.name: make_engine(
+                spec, cpus, ready_wait_s=ready_wait_s, on_ready=self._engine_ready
+            )
+            for spec in catalog
         }
+
+    def _engine_ready(self) -> None:
+        # After a restart: the new engine processes leave the event loop's core too. (The
+        # first start pins them all at once, when every engine is up.)
+        if self._started:
+            from serving.vllm_engine import pin_engine_processes
+
+            pin_engine_processes(self._cpus)
 
     async def start(self) -> None:
         """Start every engine side by side; if one fails, stop the others and raise."""
@@ -70,6 +93,7 @@ class EngineHost:
         from serving.vllm_engine import pin_engine_processes
 
         pin_engine_processes(self._cpus)
+        self._started = True
         settle_process()
         logger.info(
             "started %d engine(s) in %.1f s", len(self._engines), time.perf_counter() - started
@@ -100,6 +124,10 @@ class EngineHost:
 
     def stats(self) -> dict[str, EngineStats]:
         return {name: engine.stats() for name, engine in self._engines.items()}
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts after a crash, per model, since the process started."""
+        return {name: engine.stats().restarts for name, engine in self._engines.items()}
 
     @property
     def ready(self) -> bool:

@@ -1,4 +1,18 @@
-"""The serving interface on vLLM's v1 ``AsyncLLM``: generation and pooling (embedding) engines."""
+"""The serving interface on vLLM's v1 ``AsyncLLM``: generation and pooling (embedding) engines.
+
+Each engine is supervised (`serving.supervisor.Supervisor`): when its processes die it is
+restarted in this process, and requests that arrive meanwhile wait a bounded time for it.
+
+Seeded sampling on CPU: vLLM 0.32's model runner, after a step that computed only part of a
+prompt (a chunked prefill), rewinds the random generator of each seeded request in that step
+by its Philox offset (``generator.set_offset(generator.get_offset() - 4)`` in
+``GPUModelRunner._bookkeeping_sync``). CPU generators (Mersenne Twister) have no offset and
+raise ``RuntimeError: CPU Generator does not use offset``, which kills the engine core. On
+CPU the engines therefore run without chunked prefill: every prompt is prefilled in one step
+(``max_num_batched_tokens`` is at least the context length), no sample is ever discarded, and
+a seeded request draws from its generator exactly once per output token, so the same seed
+gives the same output whatever else is in the batch. GPUs keep chunked prefill.
+"""
 
 from __future__ import annotations
 
@@ -24,16 +38,23 @@ from serving.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from serving.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 __all__ = [
+    "UnsafeEngineOptions",
     "VllmEmbeddingEngine",
     "VllmGenerationEngine",
     "configure_cpu_binding",
     "pin_engine_processes",
 ]
+
+
+class UnsafeEngineOptions(ValueError):
+    """The engine arguments would let ordinary requests crash the engine on this platform."""
+
 
 logger = logging.getLogger(__name__)
 _GIB = 1 << 30
@@ -84,6 +105,12 @@ def pin_engine_processes(cpus: set[int] | None) -> None:
                 continue
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def _core_list(cores: list[int]) -> str:
     if cores == list(range(cores[0], cores[-1] + 1)):
         return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
@@ -125,14 +152,31 @@ def _make_stat_logger(stats: EngineStats) -> Any:
 class _VllmEngine(ModelEngine):
     _runner = "generate"
 
-    def __init__(self, spec: ModelSpec, engine_cpus: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        engine_cpus: set[int] | None = None,
+        *,
+        ready_wait_s: float = 10.0,
+        on_ready: Any = None,
+    ) -> None:
         self.spec = spec
         self.engine_cpus = engine_cpus
+        #: How long a request waits for an engine that is restarting.
+        self.ready_wait_s = ready_wait_s
         self._stats = EngineStats()
         self._llm: AsyncLLM | None = None
+        self.supervisor = Supervisor(
+            spec.name,
+            launch=self._launch,
+            stop=self._stop,
+            dead=self._is_dead,
+            on_ready=on_ready,
+        )
         self._tokenizer: Any = None
         self._max_model_len = 0
         self._vocab_size = 0
+        self._dimensions = 0
         self._fast: Any = None
         self._template: Any = None
         self._template_tokens: dict[str, Any] = {}
@@ -164,10 +208,28 @@ class _VllmEngine(ModelEngine):
             kwargs["kv_cache_memory_bytes"] = int(opts.kv_cache_gb * _GIB)
         if opts.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        if self._runner == "generate" and _on_cpu():
+            # See the module docstring: chunked prefill plus a seed kills vLLM's CPU runner.
+            if opts.extra.get("enable_chunked_prefill"):
+                raise UnsafeEngineOptions(
+                    f"model {self.spec.name!r}: enable_chunked_prefill cannot be on with "
+                    "vLLM on CPU (a seeded request whose prompt is split across steps "
+                    "crashes the engine)"
+                )
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(opts.extra)
         return AsyncEngineArgs(**kwargs)
 
     async def start(self) -> None:
+        """Start the engine and supervise it from then on.
+
+        Raises:
+            UnsafeEngineOptions: the engine arguments are unsafe on this platform.
+            Exception: whatever vLLM raised starting it.
+        """
+        await self.supervisor.start()
+
+    async def _launch(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self._engine_args()
@@ -190,22 +252,39 @@ class _VllmEngine(ModelEngine):
         # so several engines start side by side and the event loop stays responsive.
         llm = await asyncio.to_thread(construct)
         self._llm = llm
-        self._tokenizer = llm.get_tokenizer()
-        self._prepare_tokenizer(self._tokenizer)
-        self._max_model_len = llm.model_config.max_model_len
-        self._vocab_size = llm.model_config.get_vocab_size()
-        self._stats.ready = True
+        if self._tokenizer is None:  # the same model after a restart: keep what we have
+            self._tokenizer = llm.get_tokenizer()
+            self._prepare_tokenizer(self._tokenizer)
+            self._max_model_len = llm.model_config.max_model_len
+            self._vocab_size = llm.model_config.get_vocab_size()
+            if self._runner == "pooling":
+                self._dimensions = int(llm.model_config.embedding_size)
 
-    async def shutdown(self) -> None:
-        self._stats.ready = False
+    async def _stop(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await asyncio.to_thread(llm.shutdown)
+            try:
+                await asyncio.to_thread(llm.shutdown)
+            except Exception:  # what is left of a dead engine may not shut down cleanly
+                logger.warning("engine %s did not shut down cleanly", self.name, exc_info=True)
+
+    def _is_dead(self) -> bool:
+        llm = self._llm
+        return llm is None or bool(llm.errored)
+
+    async def shutdown(self) -> None:
+        await self.supervisor.shutdown()
 
     def stats(self) -> EngineStats:
-        if self._llm is not None and self._llm.errored:
-            self._stats.ready = False
-        return self._stats
+        supervisor = self.supervisor
+        if supervisor.state == "ready" and self._is_dead():
+            supervisor.notice_failure()
+        stats = self._stats
+        stats.state = supervisor.state
+        stats.ready = supervisor.state == "ready" and not self._is_dead()
+        stats.restarts = supervisor.restarts
+        stats.last_error = supervisor.last_error
+        return stats
 
     @property
     def max_model_len(self) -> int:
@@ -217,7 +296,7 @@ class _VllmEngine(ModelEngine):
         special = self._runner == "pooling"
         if self._fast is not None:
             return list(self._fast.encode(text, add_special_tokens=special).ids)
-        return list(self._require()[1].encode(text, add_special_tokens=special))
+        return list(self._require().encode(text, add_special_tokens=special))
 
     def _prepare_tokenizer(self, tokenizer: Any) -> None:
         """Keep private copies of the fast tokenizer and the compiled chat template.
@@ -246,13 +325,32 @@ class _VllmEngine(ModelEngine):
                 logger.info("chat template of %s renders through transformers", self.name)
                 self._template = None
 
-    def _require(self) -> tuple[AsyncLLM, Any]:
+    def _require(self) -> Any:
+        """The tokenizer; it outlives restarts of the engine."""
+        if self._tokenizer is None:
+            self.supervisor.check()
+            raise EngineNotReady(f"The model `{self.spec.name}` is not ready; please retry.")
+        return self._tokenizer
+
+    async def _engine(self) -> AsyncLLM:
+        """The running engine, waiting a bounded time for one that is (re)starting."""
+        await self.supervisor.wait_ready(self.ready_wait_s)
         llm = self._llm
-        if llm is None:
-            raise EngineNotReady(f"model {self.spec.name!r} is not ready")
-        if llm.errored:
-            raise EngineDead(f"model {self.spec.name!r} engine has stopped")
-        return llm, self._tokenizer
+        if llm is None or llm.errored:
+            self.supervisor.notice_failure()
+            raise EngineDead(
+                f"The model `{self.spec.name}` is restarting; please retry shortly.",
+                retry_after_s=self.supervisor.retry_after_s(),
+            )
+        return llm
+
+    def _died(self, exc: BaseException) -> EngineDead:
+        self.supervisor.mark_error(exc)
+        return EngineDead(
+            f"The model `{self.spec.name}` stopped while serving the request; it is being "
+            "restarted, please retry shortly.",
+            retry_after_s=self.supervisor.retry_after_s(),
+        )
 
     def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
         self._require()
@@ -276,7 +374,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
     """A chat or completion model on ``AsyncLLM``."""
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        _, tokenizer = self._require()
+        tokenizer = self._require()
         conversation = [{"role": role, "content": content} for role, content in messages]
         try:
             if self._template is not None:
@@ -311,13 +409,23 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             "skip_special_tokens": True,
             "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         }
-        if options.temperature is not None:
-            kwargs["temperature"] = options.temperature
-        if options.top_p is not None:
-            kwargs["top_p"] = options.top_p
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            if (value := getattr(options, name)) is not None:
+                kwargs[name] = value
+        if options.logit_bias:
+            kwargs["logit_bias"] = options.logit_bias
+        if options.response_format is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            form = options.response_format
+            kwargs["structured_outputs"] = (
+                StructuredOutputsParams(json_object=True)
+                if form.kind == "json_object"
+                else StructuredOutputsParams(json=form.schema)
+            )
         try:
             return SamplingParams(**kwargs)
-        except ValueError as exc:
+        except ValueError as exc:  # vLLM's own validation error is a ValueError too
             raise InvalidPrompt(str(exc)) from exc
 
     def generate(
@@ -330,16 +438,16 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
     ) -> AsyncIterator[GenerationChunk]:
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
-        llm, _ = self._require()
         self.check_prompt(prompt, options.max_tokens)
         params = self._sampling_params(options, stream=stream)
-        return self._run(llm, prompt, params, request_id, options.logprobs)
+        return self._run(prompt, params, request_id, options.logprobs)
 
     async def _run(
-        self, llm: AsyncLLM, prompt: list[int], params: Any, request_id: str, logprobs: int | None
+        self, prompt: list[int], params: Any, request_id: str, logprobs: int | None
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.inputs import TokensPrompt
 
+        llm = await self._engine()
         results = llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
         try:
             async for out in results:
@@ -353,7 +461,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             raise InvalidPrompt(str(exc)) from exc
         except Exception as exc:
             if llm.errored:
-                raise EngineDead(f"model {self.spec.name!r} engine has stopped") from exc
+                raise self._died(exc) from exc
             raise
         finally:
             # Closing vLLM's generator aborts the request in the engine when it is unfinished.
@@ -394,28 +502,56 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
 
     _runner = "pooling"
 
+    @property
+    def dimensions(self) -> int:
+        return self._dimensions
+
     async def embed(self, inputs: Sequence[list[int]], request_id: str) -> EmbeddingBatch:
         from vllm.inputs import TokensPrompt
         from vllm.pooling_params import PoolingParams
 
-        llm, _ = self._require()
         for ids in inputs:
             self.check_prompt(ids, 0)
+        llm = await self._engine()
 
         async def one(i: int, ids: list[int]) -> bytes:
             final = None
-            async for out in llm.encode(
+            results = llm.encode(
                 TokensPrompt(prompt_token_ids=ids), PoolingParams(task="embed"), f"{request_id}-{i}"
-            ):
-                final = out
+            )
+            try:
+                async for out in results:
+                    final = out
+            except ValueError as exc:
+                raise InvalidPrompt(str(exc)) from exc
+            except Exception as exc:
+                if llm.errored:
+                    raise self._died(exc) from exc
+                raise
+            finally:
+                await results.aclose()
             if final is None:
-                raise EngineDead(f"model {self.spec.name!r} returned no embedding")
+                raise self._died(RuntimeError("no embedding came back"))
             data = final.outputs.data
             return bytes(data.float().contiguous().numpy().astype("<f4").tobytes())
 
-        vectors = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(inputs)))
+        # One task per input; if one fails the others are cancelled (aborted in the engine).
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, ids)) for i, ids in enumerate(inputs)]
+        except ExceptionGroup as failed:
+            raise _first_error(failed) from None
+        vectors = [task.result() for task in tasks]
         return EmbeddingBatch(
             vectors=list(vectors),
             dimensions=len(vectors[0]) // 4 if vectors else 0,
             prompt_tokens=sum(len(ids) for ids in inputs),
         )
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf of an exception group (the failure that cancelled the rest)."""
+    first: BaseException = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
