@@ -7,6 +7,9 @@ by the client. When the store is down or hung (its watchdog finds it silent for
 ``quota_timeout_ms``), admission gives up: budgets fail closed (503), rate limits follow
 ``quota_fail_open``; a settlement (or the release of an admission whose outcome is unknown)
 is kept and retried until the store answers, and the store applies each one at most once.
+A settlement waiting for the store is also written to the local spool (`billing.spool`), so
+it survives a restart of the gateway: the next start applies it. (One that was never
+queued, because the process was killed while the request ran, is released by its lease.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from collections.abc import Callable, Coroutine
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import msgspec
+
 from billing.pricing import to_nano_usd
+from billing.spool import Spool
 from gateway.auth import Principal
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.quotas import (
@@ -96,12 +102,20 @@ class Ticket:
         self.model = model
         self.headers = headers
 
-    def settle(self, prompt_tokens: int, completion_tokens: int) -> None:
-        """Record the real usage; later calls do nothing. Never blocks, never raises."""
+    @property
+    def metered(self) -> bool:
+        """Whether a store holds a reservation for this request."""
+        return self._admission is not None
+
+    def settle(self, tokens: int, spend: Decimal) -> None:
+        """Record the real usage (tokens, and their exact cost); later calls do nothing.
+
+        Never blocks, never raises.
+        """
         if self._settled or self._admission is None:
             return
         self._settled = True
-        self._admission.settle_later(self, prompt_tokens, completion_tokens)
+        self._admission.settle_later(self, tokens, to_nano_usd(spend))
 
 
 #: A ticket for a request nobody counts (authentication off, or the operator).
@@ -123,6 +137,7 @@ class Admission:
         retry_max_s: float = 5.0,
         hard_timeout_s: float = 5.0,
         watchdog: StoreWatchdog | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.store = store
         self.telemetry = telemetry
@@ -132,6 +147,7 @@ class Admission:
         self._retry_max_s = retry_max_s
         self.hard_timeout_s = hard_timeout_s
         self.watchdog = watchdog
+        self.spool = spool
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[str, tuple[str, int, int]] = {}
         self._wakeup = asyncio.Event()
@@ -225,9 +241,22 @@ class Admission:
         self.telemetry.admissions.add(1, {"outcome": "store_down_open"})
         return unmetered(request_id, model)
 
-    def settle_later(self, ticket: Ticket, prompt_tokens: int, completion_tokens: int) -> None:
-        tokens = prompt_tokens + completion_tokens
-        spend = self._spend_nusd(ticket.model, prompt_tokens, completion_tokens)
+    async def start(self) -> None:
+        """Take up the settlements an earlier process left in the spool."""
+        if self.spool is None:
+            return
+        try:
+            kept = await asyncio.to_thread(self.spool.take, _SETTLEMENT, 100_000)
+        except OSError as exc:
+            logger.warning("could not read spooled settlements: %s", exc)
+            return
+        for request_id, payload in kept:
+            partition, tokens, spend = _decode_settlement(payload)
+            self._queue(partition, request_id, tokens, spend, spool=False)
+        if kept:
+            logger.info("applying %d settlement(s) left by an earlier run", len(kept))
+
+    def settle_later(self, ticket: Ticket, tokens: int, spend: int) -> None:
         task = asyncio.get_running_loop().create_task(
             self._settle(ticket.partition, ticket.request_id, tokens, spend)
         )
@@ -241,13 +270,30 @@ class Admission:
             self.telemetry.quota_store_errors.add(1, {"operation": "settle"})
             self._queue(partition, request_id, tokens, spend)
 
-    def _queue(self, partition: str, request_id: str, tokens: int, spend: int) -> None:
+    def _queue(
+        self, partition: str, request_id: str, tokens: int, spend: int, *, spool: bool = True
+    ) -> None:
         if request_id not in self._pending:
             self.telemetry.pending_settlements.add(1)
         self._pending[request_id] = (partition, tokens, spend)
+        if spool and self.spool is not None:
+            self._spool_task(
+                self.spool.put, _SETTLEMENT, request_id, _encode((partition, tokens, spend))
+            )
         self._wakeup.set()
         if self._retrier is None or self._retrier.done():
             self._retrier = asyncio.get_running_loop().create_task(self._retry())
+
+    def _spool_task(self, work: Any, *args: Any) -> None:
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(work, *args)
+            except OSError as exc:
+                logger.warning("settlement spool: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def pending(self) -> int:
@@ -270,6 +316,8 @@ class Admission:
                     break
                 if self._pending.pop(request_id, None) is not None:
                     self.telemetry.pending_settlements.add(-1)
+                    if self.spool is not None:
+                        self._spool_task(self.spool.remove, _SETTLEMENT, [request_id])
                 delay = 0.2
         logger.info("quota store reachable again: pending settlements applied")
 
@@ -285,9 +333,21 @@ class Admission:
         if self._retrier is not None:
             self._retrier.cancel()
             await asyncio.gather(self._retrier, return_exceptions=True)
+        if self._tasks:  # spool writes the retrier queued meanwhile
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
         if self._pending:
+            where = "kept in the spool for the next start" if self.spool else "their leases expire"
             logger.warning(
-                "%d settlement(s) not applied at shutdown; their leases expire in the store",
-                len(self._pending),
+                "%d settlement(s) not applied at shutdown; %s", len(self._pending), where
             )
         await self.store.close()
+
+
+#: The spool's kind for settlements waiting for the store.
+_SETTLEMENT = "settlement"
+_encode = msgspec.msgpack.Encoder().encode
+_decoder = msgspec.msgpack.Decoder(tuple[str, int, int])
+
+
+def _decode_settlement(payload: bytes) -> tuple[str, int, int]:
+    return _decoder.decode(payload)

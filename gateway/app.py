@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 from litestar import Litestar
@@ -16,9 +15,11 @@ from litestar.middleware import DefineMiddleware
 from billing.flusher import Flusher
 from billing.ledger import Ledger
 from billing.outbox import SqlOutbox, make_outbox
+from billing.spool import Spool
 from gateway.admission import Admission
 from gateway.api import AdminController, BillingController, HealthController, OpenAIController
 from gateway.auth import Authenticator, AuthMiddleware
+from gateway.calls import CallGuard, call_of
 from gateway.credentials import check_admin_token, load_secret
 from gateway.db import AccountStore, make_engine, upgrade
 from gateway.errors import exception_handlers
@@ -28,7 +29,7 @@ from gateway.quotas.watchdog import StoreWatchdog
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry, setup_telemetry
-from gateway.usage import UsageRecorder, failed_request_event
+from gateway.usage import UsageRecorder
 from serving import EngineHost, load_catalog
 
 __all__ = ["create_app"]
@@ -57,7 +58,10 @@ def create_app(
     admin_token = check_admin_token(settings.admin_token) if settings.auth else ""
     secret = load_secret(settings)
     if host is None:
-        host = EngineHost(load_catalog(settings.models_path, settings.data_path))
+        host = EngineHost(
+            load_catalog(settings.models_path, settings.data_path),
+            ready_wait_s=settings.engine_wait_s,
+        )
     telemetry = telemetry or setup_telemetry()
     startup: dict[str, str | None] = {"error": None}
     database = make_engine(settings.database)
@@ -107,14 +111,16 @@ def create_app(
             )
             watchdog.start()
         outbox = make_outbox(database, settings.redis_url)
-        # With Redis, events go to a stream; while Redis is down, to the SQL database.
+        # With Redis, events go to a stream; while Redis is down, to the SQL database; while
+        # both fail, to a file on this machine's disk.
         fallback = SqlOutbox(database) if settings.redis_url else None
-        usage = UsageRecorder(outbox, ledger, fallback=fallback, watchdog=watchdog)
+        spool = Spool(settings.data_path / "spool.db")
+        usage = UsageRecorder(outbox, ledger, fallback=fallback, spool=spool, watchdog=watchdog)
         await usage.start()
         flushers = [Flusher(box, ledger) for box in (outbox, fallback) if box is not None]
         for flusher in flushers:
             flusher.start()
-        app.state.on_api_error = partial(_failed_request, usage)
+        app.state.on_api_error = _close_failed_call
         admission = Admission(
             store,
             telemetry,
@@ -122,7 +128,10 @@ def create_app(
             lease_s=settings.quota_lease_s,
             watchdog=watchdog,
             pricer=usage.reservation_usd,
+            spool=spool if settings.redis_url else None,
         )
+        await admission.start()
+        telemetry.observe_engines(host.restarts)
         services_box["services"] = Services(
             settings=settings,
             host=host,
@@ -141,10 +150,12 @@ def create_app(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            # Calls still running were closed when their tasks were cancelled: write their
+            # events and settlements first (or spool them), then stop the engines.
+            await usage.close()
             await admission.close()
             if own_engines:
                 await host.shutdown()
-            await usage.close()
             for flusher in flushers:
                 await flusher.stop(drain=True)
             await outbox.close()
@@ -168,7 +179,7 @@ def create_app(
     def provide_services() -> Services:
         return services_box["services"]
 
-    middleware = []
+    middleware: list[Any] = [CallGuard]
     handlers: list[type] = [OpenAIController, HealthController]
     if settings.auth:
         handlers.extend([AdminController, BillingController])
@@ -196,5 +207,8 @@ def create_app(
     )
 
 
-def _failed_request(usage: UsageRecorder, scope: Any, exc: Any) -> None:
-    failed_request_event(usage, scope, int(exc.status_code))
+def _close_failed_call(scope: Any, status_code: int, error: str) -> None:
+    """An error answer of a model route: its call ends with that status."""
+    call = call_of(scope)
+    if call is not None:
+        call.fail(status_code, error)

@@ -157,14 +157,19 @@ def error_response(exc: APIError, headers: dict[str, str] | None = None) -> Resp
     )
 
 
-def _api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[bytes]:
+def _failed(request: Request[Any, Any, Any], status_code: int, exc: BaseException) -> None:
+    """Tell the app a request ends with an error (it closes the request's model call)."""
     hook = getattr(request.app.state, "on_api_error", None)
     if hook is not None:
-        hook(request.scope, exc)
+        hook(request.scope, status_code, type(exc).__name__)
+
+
+def _api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[bytes]:
+    _failed(request, exc.status_code, exc)
     return error_response(exc, headers=exc.headers)
 
 
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     kind, code = _HTTP_TYPES.get(
         status, ("invalid_request_error" if status < 500 else "server_error", None)
@@ -173,11 +178,13 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes
     err.status_code, err.type, err.code = status, kind, code
     if status == 413:
         err.message = "The request body is larger than this server accepts."
+    _failed(request, status, exc)
     return error_response(err, headers=dict(exc.headers or {}))
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    _failed(request, 500, exc)
     return error_response(APIError("The server had an error while processing your request."))
 
 

@@ -37,6 +37,13 @@ class Observation:
             },
         )
 
+    def set(self, **attrs: Any) -> None:
+        """Add attributes to the span (``None`` values are left out)."""
+        if self.span.is_recording():
+            for key, value in attrs.items():
+                if value is not None:
+                    self.span.set_attribute(key, value)
+
     def engine_span(self, name: str) -> AbstractContextManager[Span]:
         """A child span around the engine call."""
         context = trace.set_span_in_context(self.span)

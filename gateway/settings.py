@@ -66,6 +66,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     key_lookup_concurrency: Annotated[int, msgspec.Meta(ge=2)] = 4
     #: Run database migrations at start-up.
     migrate: bool = True
+    #: How long a request waits for an engine that is restarting before it gets 503.
+    engine_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
     def __repr__(self) -> str:
         shown = {

@@ -9,10 +9,10 @@ Names follow the OpenTelemetry GenAI semantic conventions.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Tracer
 
 __all__ = ["Telemetry", "setup_telemetry"]
@@ -113,6 +113,23 @@ class Telemetry:
             "tollgate.quota.pending_settlements",
             unit="{reservation}",
             description="Settlements waiting for the quota store to come back.",
+        )
+        self._meter = meter
+
+    def observe_engines(self, restarts: Callable[[], Mapping[str, int]]) -> None:
+        """Report engine restarts (``tollgate.engine.restarts``) from ``restarts()``."""
+
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(count, {"gen_ai.request.model": model})
+                for model, count in restarts().items()
+            ]
+
+        self._meter.create_observable_counter(
+            "tollgate.engine.restarts",
+            callbacks=[observe],
+            unit="{restart}",
+            description="Engines restarted after their process died, by model.",
         )
 
     @property

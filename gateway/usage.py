@@ -1,36 +1,60 @@
-"""Usage events from the request path: priced, appended to the durable outbox, once each.
+"""Usage events from the request path: priced, written durably, once each, never dropped.
 
-A request that ends with an answer has its event in the outbox before the answer's last byte
-leaves (so a replica killed right after answering loses nothing); one that ends otherwise
-(the client went away, an error) has it appended in the background. The flusher moves events
-from the outbox into the ledger off the request path; the ledger ignores a second copy of an
-id, so a redelivery after a crash counts once.
+Where an event goes, in order, until one takes it::
+
+    the outbox (a Redis stream, or the SQL outbox table)
+      └─ the fallback outbox (the SQL table, when the outbox is the Redis stream)
+           └─ the local spool (a SQLite file under the data directory, `billing.spool`)
+                └─ memory, retried until one of the above answers
+
+A request that ends with an answer has its event written before the answer's last byte
+leaves (`UsageRecorder.record` returns whether it was); one that ends otherwise has it
+written in the background (`UsageRecorder.record_later`). A background task replays what
+the spool (and memory) holds into the outbox as soon as it answers, at start-up too, so
+what an earlier process spooled is not forgotten. The flusher moves events from the outbox
+into the ledger; the ledger ignores a second copy of an id, so a replay counts once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
-from billing.events import CacheTier, EventStatus, UsageEvent
+from billing.events import CacheTier, EventStatus, UsageEvent, decode_event, encode_event
 from billing.ledger import InvalidEvent, Ledger
 from billing.outbox import Outbox
 from billing.pricing import Price, PriceBook, rate
+from billing.spool import Spool
 from gateway.auth import Principal
-from gateway.middleware import request_id_of
 from gateway.quotas.watchdog import StoreWatchdog, guarded
 
-__all__ = ["Receipt", "UsageRecorder", "cost_header", "failed_request_event"]
+__all__ = ["UsageRecorder", "cost_header"]
 
 logger = logging.getLogger(__name__)
 
+#: The spool's kind for usage events.
+EVENT = "event"
+#: The spool's kind for events the ledger cannot store (kept for an operator, not replayed).
+INVALID = "invalid-event"
+
 
 class UsageRecorder:
-    """Prices usage with the current price book and appends the events to the outbox."""
+    """Prices usage with the current price book and writes the events durably.
+
+    Args:
+        outbox: Where events go first.
+        ledger: The price book's source.
+        fallback: Where events go when ``outbox`` fails (the SQL outbox beside a Redis one).
+        spool: Where events go when both fail.
+        watchdog: Tells when the outbox's Redis is down, so an append gives up at once.
+        hard_timeout_s: The longest an append to the outbox may take.
+        refresh_s: How often the price book is reloaded.
+        replay_s: How often the spool is replayed while it holds events.
+    """
 
     def __init__(
         self,
@@ -38,29 +62,38 @@ class UsageRecorder:
         ledger: Ledger,
         *,
         fallback: Outbox | None = None,
+        spool: Spool | None = None,
         watchdog: StoreWatchdog | None = None,
         hard_timeout_s: float = 5.0,
         refresh_s: float = 5.0,
+        replay_s: float = 1.0,
     ) -> None:
         self.outbox = outbox
         self.fallback = fallback
+        self.spool = spool
         self.watchdog = watchdog
         self.hard_timeout_s = hard_timeout_s
         self.ledger = ledger
         self._book = PriceBook([])
         self._refresh_s = refresh_s
-        self._refreshed = float("-inf")
+        self._replay_s = replay_s
         self._refresher: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._replayer: asyncio.Task[None] | None = None
+        self._replay_now = asyncio.Event()
+        self._tasks: set[asyncio.Task[bool]] = set()
+        #: Events nothing would take, not even the spool; retried by the replayer.
+        self._unwritten: dict[str, UsageEvent] = {}
+        self.spooled = 0
 
     async def start(self) -> None:
         await self.refresh()
-        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        loop = asyncio.get_running_loop()
+        self._refresher = loop.create_task(self._refresh_loop(), name="price-refresh")
+        self._replayer = loop.create_task(self._replay_loop(), name="usage-replay")
 
     async def refresh(self) -> None:
         """Reload the price book (after a price change, or every ``refresh_s``)."""
         self._book = await self.ledger.price_book()
-        self._refreshed = time.monotonic()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -68,10 +101,16 @@ class UsageRecorder:
             try:
                 await self.refresh()
             except Exception:
-                logger.exception("could not reload prices; keeping the previous ones")
+                logger.warning("could not reload prices; keeping the previous ones")
 
     def price(self, model: str, when: datetime | None = None) -> Price | None:
         return self._book.price_at(model, when or datetime.now(UTC))
+
+    def cost(
+        self, model: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+    ) -> Decimal:
+        """What the tokens cost at the current price (what an event of them is rated)."""
+        return rate(self.price(model), prompt_tokens, cached_tokens, completion_tokens)
 
     def reservation_usd(self, model: str, prompt_tokens: int, max_output_tokens: int) -> Decimal:
         """The most a request can cost: its prompt uncached plus every output token."""
@@ -112,21 +151,42 @@ class UsageRecorder:
             price_id=None if price is None else price.id,
         )
 
-    async def record(self, event: UsageEvent) -> None:
-        """Append now; returns once the event is durable.
+    async def record(self, event: UsageEvent) -> bool:
+        """Write ``event`` durably, in the outbox, the fallback or the spool.
 
-        When the outbox's store is down or hung (its watchdog says so), the event goes to the
-        fallback outbox in the SQL database instead, at once; a copy that reached both is
-        counted once by the ledger. If both fail, the event is kept and retried in the
-        background rather than failing an answer that is already computed.
+        Returns:
+            Whether it was written (``False``: only memory holds it, and it is retried in
+            the background; an answer must then not claim a receipt).
         """
         try:
             await self._append(event)
+            return True
         except InvalidEvent:
-            logger.exception("usage event %s refused by the outbox", event.id)
-        except Exception:
-            logger.warning("outbox append failed for %s; retrying in the background", event.id)
-            self.record_later(event)
+            logger.exception("usage event %s cannot be stored; kept in the spool", event.id)
+            await self._to_spool(INVALID, event)
+            return False
+        except Exception as exc:
+            logger.warning(
+                "outbox append failed for %s (%s); writing it to the spool",
+                event.id,
+                type(exc).__name__,
+            )
+        if await self._to_spool(EVENT, event):
+            return True
+        self._unwritten[event.id] = event
+        self._replay_now.set()
+        return False
+
+    def record_later(self, event: UsageEvent) -> asyncio.Task[bool]:
+        """Write in the background (the request has already ended some other way).
+
+        The task is the recorder's own: cancelling the caller does not cancel it, and
+        `close` waits for it.
+        """
+        task = asyncio.get_running_loop().create_task(self.record(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _append(self, event: UsageEvent) -> None:
         if self.fallback is None:
@@ -139,110 +199,97 @@ class UsageRecorder:
         except Exception:
             await self.fallback.append(event)
 
-    def record_later(self, event: UsageEvent) -> None:
-        """Append in the background (the request has already ended some other way)."""
-        task = asyncio.get_running_loop().create_task(self._append_retrying(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _to_spool(self, kind: str, event: UsageEvent) -> bool:
+        if self.spool is None:
+            return False
+        try:
+            await asyncio.to_thread(self.spool.put, kind, event.id, encode_event(event))
+        except OSError as exc:
+            logger.error("usage event %s could not be spooled either: %s", event.id, exc)
+            return False
+        self.spooled += 1
+        self._replay_now.set()
+        return True
 
-    async def _append_retrying(self, event: UsageEvent, attempts: int = 20) -> None:
-        delay = 0.1
-        for _ in range(attempts):
+    @property
+    def pending(self) -> int:
+        """Events not in an outbox yet (spooled, or held in memory)."""
+        spooled = 0
+        if self.spool is not None:
+            with contextlib.suppress(OSError):
+                spooled = self.spool.count(EVENT)
+        return spooled + len(self._unwritten)
+
+    async def replay(self) -> int:
+        """Move what the spool and memory hold into the outbox, until it fails.
+
+        Returns:
+            How many events moved.
+        """
+        moved = 0
+        for event_id, event in list(self._unwritten.items()):
             try:
                 await self._append(event)
-                return
             except InvalidEvent:
-                logger.exception("usage event %s refused by the outbox", event.id)
-                return
-            except Exception:  # the outbox is down: retry, then give up loudly
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        logger.error("usage event %s could not be written to the outbox", event.id)
+                await self._to_spool(INVALID, event)
+            except Exception:
+                if not await self._to_spool(EVENT, event):
+                    return moved
+            self._unwritten.pop(event_id, None)
+            moved += 1
+        if self.spool is None:
+            return moved
+        while True:
+            batch = await asyncio.to_thread(self.spool.take, EVENT)
+            if not batch:
+                return moved
+            done: list[str] = []
+            try:
+                for key, payload in batch:
+                    try:
+                        await self._append(decode_event(payload))
+                    except InvalidEvent:
+                        await self._to_spool(INVALID, decode_event(payload))
+                    done.append(key)
+            except Exception:
+                return moved + len(done)
+            finally:
+                await asyncio.to_thread(self.spool.remove, EVENT, done)
+            moved += len(done)
+
+    async def _replay_loop(self) -> None:
+        while True:
+            try:
+                moved = await self.replay()
+                if moved:
+                    logger.info("replayed %d spooled usage event(s) into the outbox", moved)
+            except Exception:
+                logger.warning("usage replay failed; retrying", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._replay_s):
+                    await self._replay_now.wait()
+            self._replay_now.clear()
 
     async def close(self, grace_s: float = 5.0) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
-        if self._tasks:
+        """Wait for writes in flight, spool what is still only in memory, and stop."""
+        for task in (self._refresher, self._replayer):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        began = time.monotonic()
+        while self._tasks and time.monotonic() - began < grace_s:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
-
-
-_OPERATIONS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/embeddings": "embeddings",
-}
-
-
-def failed_request_event(recorder: UsageRecorder, scope: Any, status_code: int) -> None:
-    """A tenant's model call that ended in an error before it had an event: record one.
-
-    Refusals (429, 503) count as ``rejected``, the rest as ``error``; no tokens, no cost.
-    """
-    state = scope.get("state", {})
-    principal = scope.get("user")
-    if (
-        state.get("usage_recorded")
-        or "model" not in state
-        or not isinstance(principal, Principal)
-        or principal.tenant_id is None
-    ):
-        return
-    state["usage_recorded"] = True
-    status = EventStatus.REJECTED if status_code in (429, 503) else EventStatus.ERROR
-    event = recorder.event(
-        principal,
-        request_id_of(scope),
-        model=str(state["model"]),
-        operation=_OPERATIONS.get(str(scope.get("path", "")), "unknown"),
-        status=status,
-    )
-    recorder.record_later(event)
-
-
-class Receipt:
-    """What one request needs to make its usage event: who pays and for what operation."""
-
-    __slots__ = ("operation", "principal", "recorder", "state")
-
-    def __init__(
-        self,
-        recorder: UsageRecorder,
-        principal: Principal,
-        operation: str,
-        state: dict[str, Any],
-    ) -> None:
-        self.recorder = recorder
-        self.principal = principal
-        self.operation = operation
-        self.state = state
-
-    def event(
-        self,
-        request_id: str,
-        *,
-        model: str,
-        status: EventStatus,
-        prompt_tokens: int = 0,
-        cached_tokens: int = 0,
-        completion_tokens: int = 0,
-        started: float,
-        first_token_at: float | None = None,
-    ) -> UsageEvent:
-        """The request's one event (the request is marked as having one)."""
-        self.state["usage_recorded"] = True
-        return self.recorder.event(
-            self.principal,
-            request_id,
-            model=model,
-            operation=self.operation,
-            status=status,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=cached_tokens,
-            completion_tokens=completion_tokens,
-            latency_s=time.perf_counter() - started,
-            ttft_s=None if first_token_at is None else first_token_at - started,
-        )
+        for event in list(self._unwritten.values()):
+            if await self._to_spool(EVENT, event):
+                self._unwritten.pop(event.id, None)
+        if self._unwritten:
+            logger.error(
+                "%d usage event(s) could not be written anywhere at shutdown: %s",
+                len(self._unwritten),
+                ", ".join(sorted(self._unwritten)[:10]),
+            )
+        if self.spool is not None:
+            self.spool.close()
 
 
 def cost_header(event: UsageEvent) -> dict[str, str]:

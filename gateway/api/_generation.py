@@ -1,65 +1,62 @@
-"""One generation request in flight: engine streams in, an OpenAI answer or SSE stream out."""
+"""One generation call's answer: engine streams in, an OpenAI answer or an SSE stream out.
+
+Runs as the body of a `CallResponse` (see `gateway.api._serve`). Every prompt of the call is
+one engine request; they run as tasks of one task group, each owning (and, on any early end,
+closing, which aborts it in the engine) its own engine stream, so that a client who leaves,
+an engine that fails or a prompt that errs ends all of them together.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, cast
 
 import msgspec
-from litestar import Request, Response
-from litestar.response import Stream
+from litestar.types import Send
 
-from billing.events import EventStatus, UsageEvent
-from gateway.admission import Ticket
 from gateway.api._render import (
     DONE,
     ChoiceAccumulator,
     Flavor,
-    Usage,
     chat_logprobs,
     finish_reason,
     sse,
     text_logprobs,
     usage_body,
 )
-from gateway.errors import APIError, InvalidRequest, ServiceUnavailable
-from gateway.observe import Observation
-from gateway.usage import Receipt, cost_header
-from serving import (
-    EngineDead,
-    EngineNotReady,
-    GenerationChunk,
-    GenerationEngine,
-    InvalidPrompt,
-    SamplingOptions,
-    ServingError,
-)
+from gateway.api._serve import api_error, json_response, outcome_of, send_error, send_json
+from gateway.calls import Call, Outcome
+from gateway.usage import cost_header
+from serving import GenerationChunk, GenerationEngine, SamplingOptions, ServingError
 
-__all__ = ["Generation", "api_error", "json_response"]
+__all__ = ["Generation", "json_response"]
 
-_JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
-
-def json_response(body: dict[str, Any], status_code: int = 200) -> Response[bytes]:
-    return Response(content=_encode(body), media_type=_JSON, status_code=status_code)
-
-
-def api_error(exc: ServingError) -> APIError:
-    if isinstance(exc, InvalidPrompt):
-        code = "context_length_exceeded" if exc.too_long else None
-        return InvalidRequest(str(exc), param=exc.param, code=code)
-    if isinstance(exc, EngineNotReady):
-        return ServiceUnavailable(str(exc), code="model_not_ready")
-    if isinstance(exc, EngineDead):
-        return ServiceUnavailable(str(exc), code="engine_unavailable")
-    return APIError("The server had an error while processing your request.")
+#: Called with (prompt index, chunk) for every engine chunk, in order of arrival.
+OnChunk = Callable[[int, GenerationChunk], Awaitable[None]]
 
 
 class Generation:
-    """One generation request in flight: its prompts, its options and its observation."""
+    """The answer of one chat or completion call.
+
+    Args:
+        flavor: ``chat`` or ``text``.
+        engine: The model's engine.
+        prompts: The prompts' token ids (one engine request each).
+        options: Sampling options, shared by every prompt.
+        call: The call this answer ends.
+        stream: Answer as server-sent events.
+        include_usage: Streams end with a usage chunk (``stream_options.include_usage``).
+    """
 
     def __init__(
         self,
@@ -68,147 +65,182 @@ class Generation:
         engine: GenerationEngine,
         prompts: list[list[int]],
         options: SamplingOptions,
-        request_id: str,
-        include_usage: bool,
-        obs: Observation,
+        call: Call,
         stream: bool,
-        ticket: Ticket,
-        receipt: Receipt | None,
+        include_usage: bool,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
         self.prompts = prompts
         self.options = options
-        self.request_id = request_id
+        self.call = call
+        self.stream = stream
         self.include_usage = include_usage
-        self.obs = obs
-        self.ticket = ticket
-        self.receipt = receipt
-        self._queued = False
-        self._done = False
         self.created = int(time.time())
         prefix = "chatcmpl-" if flavor == "chat" else "cmpl-"
-        self.response_id = prefix + request_id.removeprefix("req_")
+        self.response_id = prefix + call.request_id.removeprefix("req_")
         self.object = "chat.completion" if flavor == "chat" else "text_completion"
-        self.usage = Usage(prompt_tokens=sum(len(p) for p in prompts))
-        self.finish_reasons: list[str] = []
+        self._seen: set[int] = set()
         self._event_parts: tuple[bytes, bytes, bytes] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        try:
-            self.streams = [
-                engine.generate(prompt, options, f"{request_id}-{i}", stream=stream)
-                for i, prompt in enumerate(prompts)
-            ]
-            self._queued = True
-        except ServingError as exc:
-            self._finish(error=type(exc).__name__)
-            raise api_error(exc) from exc
+        # Made now, so that a request the engine cannot take fails in the route; nothing
+        # reaches the engine until a stream is first advanced.
+        self._streams = [
+            cast(
+                AsyncGenerator[GenerationChunk, None],
+                engine.generate(prompt, options, f"{call.request_id}-{i}", stream=True),
+            )
+            for i, prompt in enumerate(prompts)
+        ]
 
-    def _count(self, chunk: GenerationChunk, first: bool) -> None:
-        if first:
-            self.usage.cached_tokens += chunk.cached_tokens
+    async def __call__(self, send: Send) -> None:
+        with self.call.obs.engine_span("engine.generate"):
+            if self.stream:
+                await self._answer_stream(send)
+            else:
+                await self._answer(send)
+
+    # The engine side
+
+    def _count(self, p: int, chunk: GenerationChunk) -> None:
+        usage = self.call.usage
+        if p not in self._seen:  # the engine has worked on this prompt
+            self._seen.add(p)
+            usage.prompt_tokens += len(self.prompts[p])
+            usage.cached_tokens += chunk.cached_tokens
+            self.call.obs.first_token()
         for choice in chunk.choices:
-            self.usage.completion_tokens += choice.num_tokens
+            usage.completion_tokens += choice.num_tokens
             if choice.finish_reason is not None:
-                self.finish_reasons.append(finish_reason(choice) or "stop")
+                self.call.finish_reasons.append(finish_reason(choice) or "stop")
 
-    def _finish(
-        self, error: str | None = None, outcome: str = "ok", *, durable: bool = False
-    ) -> UsageEvent | None:
-        """Close the request once: settle its quota, record its span and metrics, and make
-        its usage event; the event is appended in the background unless ``durable`` (then
-        the caller appends it before the answer ends)."""
-        if self._done:
-            return None
-        self._done = True
-        # Quota settles to what the engine worked on: nothing if it never took the request.
-        if self._queued:
-            self.ticket.settle(self.usage.prompt_tokens, self.usage.completion_tokens)
-        else:
-            self.ticket.settle(0, 0)
-        self.obs.finish(
-            input_tokens=self.usage.prompt_tokens,
-            output_tokens=self.usage.completion_tokens,
-            cached_tokens=self.usage.cached_tokens,
-            finish_reasons=self.finish_reasons,
-            error=error,
-            outcome=outcome,
-        )
-        if self.receipt is None:
-            return None
-        status = (
-            EventStatus.ABORTED
-            if outcome == "aborted"
-            else EventStatus.ERROR
-            if error
-            else EventStatus.OK
-        )
-        event = self.receipt.event(
-            self.request_id,
-            model=self.engine.name,
-            status=status,
-            prompt_tokens=self.usage.prompt_tokens if self._queued else 0,
-            cached_tokens=self.usage.cached_tokens,
-            completion_tokens=self.usage.completion_tokens,
-            started=self.obs.started,
-            first_token_at=self.obs.first_token_at,
-        )
-        if not durable:
-            self.receipt.recorder.record_later(event)
-        return event
+    async def _pump(self, on_chunk: OnChunk) -> None:
+        """Run every prompt's engine stream, handing each chunk to ``on_chunk``.
 
-    async def complete(self, request: Request[Any, Any, Any]) -> Response[bytes]:
-        """Run to the end and answer with one JSON body; abort if the client goes away."""
+        Raises:
+            ServingError: the first serving error of any prompt (the others are aborted).
+        """
+        if len(self._streams) == 1:
+            async with contextlib.aclosing(self._streams[0]) as chunks:
+                async for chunk in chunks:
+                    await on_chunk(0, chunk)
+            return
+        queue: asyncio.Queue[tuple[int, GenerationChunk] | None] = asyncio.Queue()
+
+        async def feed(p: int, stream: AsyncGenerator[GenerationChunk, None]) -> None:
+            try:
+                async with contextlib.aclosing(stream) as chunks:
+                    async for chunk in chunks:
+                        queue.put_nowait((p, chunk))
+            finally:
+                queue.put_nowait(None)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for p, stream in enumerate(self._streams):
+                    group.create_task(feed(p, stream))
+                running = len(self._streams)
+                while running:
+                    item = await queue.get()
+                    if item is None:
+                        running -= 1
+                    else:
+                        await on_chunk(*item)
+        except* ServingError as failed:
+            raise failed.exceptions[0] from None
+
+    # Non-streamed
+
+    async def _answer(self, send: Send) -> None:
         acc = ChoiceAccumulator()
         n = self.options.n
 
-        async def run(p: int, chunks: AsyncIterator[GenerationChunk]) -> None:
-            first = True
-            async for chunk in chunks:
-                self.obs.first_token()
-                self._count(chunk, first)
-                first = False
-                for choice in chunk.choices:
-                    acc.add(p * n + choice.index, choice)
+        async def collect(p: int, chunk: GenerationChunk) -> None:
+            self._count(p, chunk)
+            for choice in chunk.choices:
+                acc.add(p * n + choice.index, choice)
 
         try:
-            with self.obs.engine_span("engine.generate"):
-                work = asyncio.gather(*(run(p, s) for p, s in enumerate(self.streams)))
-                await _unless_disconnected(work, request)
+            await self._pump(collect)
         except ServingError as exc:
-            self._finish(error=type(exc).__name__)
-            raise api_error(exc) from exc
-        except ClientDisconnected:
-            self._finish(outcome="aborted")
-            return Response(content=b"", status_code=499)  # nginx's "client closed request"
-        except BaseException as exc:
-            self._finish(error=type(exc).__name__, outcome="aborted")
-            raise
-        event = self._finish(durable=True)
-        headers = None
-        if event is not None and self.receipt is not None:
-            await self.receipt.recorder.record(event)  # durable before the answer leaves
-            headers = cost_header(event)
-        response = json_response(
-            {
-                "id": self.response_id,
-                "object": self.object,
-                "created": self.created,
-                "model": self.engine.name,
-                "choices": acc.choices(self.flavor),
-                "usage": usage_body(self.usage),
-                "system_fingerprint": None,
-            }
+            self.call.close(outcome_of(exc), type(exc).__name__)
+            await send_error(send, api_error(exc))
+            return
+        event = await self.call.commit()
+        body = {
+            "id": self.response_id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.engine.name,
+            "choices": acc.choices(self.flavor),
+            "usage": usage_body(self.call.usage),
+            "system_fingerprint": None,
+        }
+        await send_json(send, 200, _encode(body), cost_header(event) if event else None)
+
+    # Streamed
+
+    async def _answer_stream(self, send: Send) -> None:
+        started = False
+        call = self.call
+
+        async def start() -> None:
+            nonlocal started
+            started = True
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            call.delivered = True
+
+        async def forward(p: int, chunk: GenerationChunk) -> None:
+            self._count(p, chunk)
+            events = [] if started else self._opening()
+            if not started:
+                await start()
+            events.extend(self._chunk_events(p, chunk))
+            if events:
+                await send(
+                    {"type": "http.response.body", "body": b"".join(events), "more_body": True}
+                )
+
+        try:
+            await self._pump(forward)
+        except ServingError as exc:
+            if not started:
+                call.close(outcome_of(exc), type(exc).__name__)
+                await send_error(send, api_error(exc))
+                return
+            call.close(Outcome.ERROR, type(exc).__name__)
+            tail = sse(api_error(exc).body()) + DONE
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return
+        opening = b"" if started else b"".join(self._opening())
+        if not started:
+            await start()
+        event = await call.commit()
+        tail = (
+            self._chunk([], usage=True, cost=event.cost_usd if event else None)
+            if self.include_usage
+            else b""
         )
-        if headers:
-            response.headers.update(headers)
-        return response
+        await send(
+            {"type": "http.response.body", "body": opening + tail + DONE, "more_body": False}
+        )
+
+    def _opening(self) -> list[bytes]:
+        """The first event of a chat stream: every choice's role."""
+        if self.flavor != "chat":
+            return []
+        role = [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(self.options.n * len(self.prompts))
+        ]
+        return [self._chunk(role)]
 
     def _chunk(
-        self,
-        choices: list[dict[str, Any]],
-        usage: Usage | None = None,
-        event: UsageEvent | None = None,
+        self, choices: list[dict[str, Any]], *, usage: bool = False, cost: Any = None
     ) -> bytes:
         body: dict[str, Any] = {
             "id": self.response_id,
@@ -219,9 +251,9 @@ class Generation:
             "choices": choices,
         }
         if self.include_usage:
-            body["usage"] = usage_body(usage) if usage is not None else None
-            if event is not None:  # the receipt of a streamed answer
-                body["usage"]["cost_usd"] = f"{event.cost_usd:f}"
+            body["usage"] = usage_body(self.call.usage) if usage else None
+            if usage and cost is not None:  # the receipt of a streamed answer
+                body["usage"]["cost_usd"] = f"{cost:f}"
         return sse(body)
 
     def _delta_event(self, index: int, text: str) -> bytes:
@@ -256,61 +288,8 @@ class Generation:
             "finish_reason": reason,
         }
 
-    def _source(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
-        """Every prompt's chunks as one sequence of ``(prompt index, chunk)``."""
-        if len(self.streams) == 1:
-            return _tag(self.streams[0])
-        queue: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None] = asyncio.Queue()
-
-        async def pump(p: int, chunks: AsyncIterator[GenerationChunk]) -> None:
-            try:
-                async for chunk in chunks:
-                    queue.put_nowait((p, chunk))
-            except BaseException as exc:
-                queue.put_nowait(exc)
-                raise
-            finally:
-                queue.put_nowait(None)
-
-        self._tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(self.streams)]
-        return _drain(queue, len(self._tasks))
-
-    async def _close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for s in self.streams:
-            await s.aclose()  # type: ignore[attr-defined]
-
-    async def open_stream(self) -> Stream:
-        """Wait for the first output, then answer with the SSE stream.
-
-        Headers leave with the first token, so an error before it still gets its own status
-        code rather than a 200 with an error event inside.
-        """
-        source = self._source()
-        try:
-            first: tuple[int, GenerationChunk] | None = await anext(source)
-            self.obs.first_token()
-        except StopAsyncIteration:
-            first = None
-        except ServingError as exc:
-            await self._close()
-            self._finish(error=type(exc).__name__)
-            raise api_error(exc) from exc
-        except BaseException as exc:
-            await self._close()
-            self._finish(error=type(exc).__name__, outcome="aborted")
-            raise
-        return Stream(
-            self._events(source, first),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
-
-    def _chunk_events(self, p: int, chunk: GenerationChunk, seen: set[int]) -> list[bytes]:
-        """Count one engine chunk of prompt ``p`` and render it, one choice per event."""
-        self._count(chunk, p not in seen)
-        seen.add(p)
+    def _chunk_events(self, p: int, chunk: GenerationChunk) -> list[bytes]:
+        """One engine chunk of prompt ``p``, one event per choice."""
         n = self.options.n
         events = []
         for c in chunk.choices:
@@ -320,92 +299,3 @@ class Generation:
             else:
                 events.append(self._chunk([self._choice_event(p * n + c.index, c)]))
         return events
-
-    async def _events(
-        self,
-        source: AsyncIterator[tuple[int, GenerationChunk]],
-        first: tuple[int, GenerationChunk] | None,
-    ) -> AsyncIterator[bytes]:
-        """The SSE events; closing this early aborts every prompt in the engine."""
-        n = self.options.n
-        error: str | None = None
-        outcome = "ok"
-        seen: set[int] = set()
-        try:
-            if self.flavor == "chat":
-                role = [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    for i in range(n * len(self.prompts))
-                ]
-                yield self._chunk(role)
-            if first is not None:
-                for event in self._chunk_events(*first, seen):
-                    yield event
-            async for p, chunk in source:
-                for event in self._chunk_events(p, chunk, seen):
-                    yield event
-            receipt = self._finish(durable=True)
-            if receipt is not None and self.receipt is not None:
-                await self.receipt.recorder.record(receipt)  # durable before the answer ends
-            if self.include_usage:
-                yield self._chunk([], self.usage, receipt)
-            yield DONE
-        except ServingError as exc:
-            error = type(exc).__name__
-            yield sse(api_error(exc).body())
-            yield DONE
-        except BaseException as exc:  # the client went away (cancelled) or the loop is closing
-            error, outcome = type(exc).__name__, "aborted"
-            raise
-        finally:
-            await self._close()
-            self._finish(error=error, outcome=outcome)
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before the answer was ready."""
-
-
-async def _unless_disconnected(work: asyncio.Future[Any], request: Request[Any, Any, Any]) -> None:
-    """Await ``work``; cancel it (aborting it in the engine) if the client disconnects first."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        raise ClientDisconnected
-    work.result()
-
-
-async def _tag(
-    chunks: AsyncIterator[GenerationChunk],
-) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    async for chunk in chunks:
-        yield 0, chunk
-
-
-async def _drain(
-    queue: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None], producers: int
-) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    done = 0
-    while done < producers:
-        item = await queue.get()
-        if item is None:
-            done += 1
-        elif isinstance(item, BaseException):
-            raise item
-        else:
-            yield item

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from gateway.calls import Usage
 from serving import ChoiceDelta, TokenLogprob
 
 __all__ = ["ChoiceAccumulator", "Usage", "sse", "usage_body"]
@@ -17,12 +18,6 @@ DONE = b"data: [DONE]\n\n"
 
 def sse(obj: Any) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
-
-
-class Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import msgspec
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 
-from serving import EngineHost
+from serving import EngineHost, EngineState
 
 __all__ = ["HealthController"]
 
@@ -23,11 +23,24 @@ class HealthController(Controller):
     async def readyz(
         self, host: NamedDependency[EngineHost], startup_error: NamedDependency[str | None]
     ) -> Response[bytes]:
-        """Ready only when every configured engine is; the body has each engine's figures."""
+        """Ready only when every configured engine is; the body has each engine's state,
+        restarts and scheduler figures.
+
+        ``status`` is ``ready``, ``starting`` (the first start), ``recovering`` (an engine
+        died and is being restarted) or ``failed`` (start-up failed for good).
+        """
         stats = host.stats()
         ready = startup_error is None and all(s.ready for s in stats.values())
+        if ready:
+            status = "ready"
+        elif startup_error is not None:
+            status = "failed"
+        elif any(s.restarts or s.state == EngineState.FAILED for s in stats.values()):
+            status = "recovering"
+        else:
+            status = "starting"
         body: dict[str, Any] = {
-            "status": "ready" if ready else ("failed" if startup_error else "starting"),
+            "status": status,
             "models": {name: msgspec.structs.asdict(s) for name, s in stats.items()},
         }
         if startup_error is not None:

@@ -1,4 +1,10 @@
-"""The OpenAI-compatible routes: chat, completions, embeddings and models."""
+"""The OpenAI-compatible routes: chat, completions, embeddings and models.
+
+A model route validates its request, makes its `Call` (the one owner of its settlement, its
+usage event and its span), admits it against the caller's quotas, and returns a
+`CallResponse`: the engine work runs when that answer is sent (see `gateway.api._serve`).
+Anything refused up to there never reaches the engine and reserves nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,92 +13,107 @@ import base64
 import time
 from typing import Any
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
+from litestar.types import Send
 
-from billing.events import EventStatus
-from gateway.admission import Ticket
-from gateway.api._generation import Generation, api_error, json_response
+from gateway.api._generation import Generation
 from gateway.api._render import Flavor
+from gateway.api._serve import CallResponse, api_error, outcome_of, send_error, send_json
 from gateway.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     TextOrTokens,
     decode,
 )
-from gateway.auth import Principal, principal_of
+from gateway.auth import principal_of
+from gateway.calls import Call
 from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.middleware import add_response_headers, request_id_of
-from gateway.observe import Observation
 from gateway.services import Services
 from gateway.settings import Settings
-from gateway.telemetry import Telemetry
-from gateway.usage import Receipt, cost_header
+from gateway.usage import cost_header
 from serving import (
+    EmbeddingEngine,
     EngineHost,
     GenerationEngine,
+    ModelEngine,
+    ResponseFormat,
     SamplingOptions,
     ServingError,
 )
 
 __all__ = ["OpenAIController"]
 
+_encode = msgspec.json.Encoder().encode
 
-def _receipt(request: Request[Any, Any, Any], services: Services, operation: str) -> Receipt | None:
-    """How this request's usage event is made; ``None`` when nobody is billed (auth off)."""
+
+def _json(body: dict[str, Any]) -> Response[bytes]:
+    return Response(content=_encode(body), media_type="application/json")
+
+
+def _open_call(
+    request: Request[Any, Any, Any], services: Services, operation: str, engine: ModelEngine
+) -> Call:
+    """Make the request's call, once its model is known; refuse callers who may not use it."""
     principal = principal_of(request.scope)
-    if principal is None or principal.tenant_id is None:
-        return None
-    return Receipt(services.usage, principal, operation, request.scope.setdefault("state", {}))
-
-
-def _check_allowed(request: Request[Any, Any, Any], model: str) -> Principal | None:
     state = request.scope.setdefault("state", {})
-    state["model"] = model  # for the usage event of a request that fails from here on
-    principal = principal_of(request.scope)
+    call = Call(
+        request_id=request_id_of(request.scope),
+        operation=operation,
+        model=engine.name,
+        telemetry=services.telemetry,
+        recorder=services.usage,
+        principal=principal,
+    )
+    state["call"] = call
     if principal is not None and principal.operator:
         # Work must land on a tenant's bill: the operator's token is for /admin/v1 only.
         raise PermissionDenied(
             "The admin token cannot call models; use an API key of a tenant.",
             code="admin_token_not_allowed",
         )
-    if principal is not None and not principal.may_use(model):
+    if principal is not None and not principal.may_use(engine.name):
         raise PermissionDenied(
-            f"This API key may not use the model `{model}`.",
+            f"This API key may not use the model `{engine.name}`.",
             param="model",
             code="model_not_allowed",
         )
-    return principal
+    return call
 
 
 async def _admit(
     request: Request[Any, Any, Any],
     services: Services,
-    model: str,
+    call: Call,
     prompt_tokens: int,
     max_output_tokens: int,
-) -> Ticket:
-    """Reserve quota for this request; its ``x-ratelimit-*`` headers go on any answer."""
+) -> None:
+    """Reserve quota for the call; its ``x-ratelimit-*`` headers go on any answer."""
     ticket = await services.admission.admit(
         principal_of(request.scope),
-        request_id_of(request.scope),
-        model,
+        call.request_id,
+        call.model,
         prompt_tokens,
         max_output_tokens,
     )
     add_response_headers(request.scope, ticket.headers)
-    return ticket
+    call.admitted(ticket)
 
 
-def _generation_engine(
-    request: Request[Any, Any, Any], host: NamedDependency[EngineHost], model: str
-) -> GenerationEngine:
+def _engine(host: EngineHost, model: str) -> ModelEngine:
     engine = host.get(model)
     if engine is None:
         raise ModelNotFound(model)
-    _check_allowed(request, engine.name)
+    return engine
+
+
+def _generation_engine(engine: ModelEngine, model: str) -> GenerationEngine:
     if not isinstance(engine, GenerationEngine):
         raise InvalidRequest(
             f"The model `{model}` is an embedding model; use /v1/embeddings.",
@@ -102,9 +123,43 @@ def _generation_engine(
     return engine
 
 
-def _check_n(n: int, settings: NamedDependency[Settings]) -> None:
+def _check_n(n: int, settings: Settings) -> None:
     if n > settings.max_n:
         raise InvalidRequest(f"n must be at most {settings.max_n}.", param="n")
+
+
+def _refuse_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    refused = req.refused()
+    if refused is not None:
+        field, why = refused
+        raise InvalidRequest(f"`{field}` is not supported: {why}.", param=field)
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    bias: dict[int, float] = {}
+    for token, value in raw.items():
+        try:
+            token_id = int(token)
+        except ValueError:
+            token_id = -1
+        if token_id < 0 or str(token_id) != token.strip():
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids, got {token[:32]!r}.", param="logit_bias"
+            )
+        bias[token_id] = value
+    return bias
+
+
+def _response_format(req: ChatCompletionRequest) -> ResponseFormat | None:
+    form = req.response_format
+    if isinstance(form, JsonObjectFormat):
+        return ResponseFormat(kind="json_object")
+    if isinstance(form, JsonSchemaFormat):
+        schema = form.json_schema.schema or {}
+        return ResponseFormat(kind="json_schema", schema=_encode(schema).decode())
+    return None
 
 
 def _split_inputs(raw: TextOrTokens, param: str) -> list[str | list[int]]:
@@ -135,11 +190,13 @@ class OpenAIController(Controller):
         request: Request[Any, Any, Any],
         host: NamedDependency[EngineHost],
         settings: NamedDependency[Settings],
-        telemetry: NamedDependency[Telemetry],
         services: NamedDependency[Services],
     ) -> Response[Any]:
         req = decode(await request.body(), ChatCompletionRequest)
-        engine = _generation_engine(request, host, req.model)
+        engine = _engine(host, req.model)
+        call = _open_call(request, services, "chat", engine)
+        gen_engine = _generation_engine(engine, req.model)
+        _refuse_unsupported(req)
         _check_n(req.n, settings)
         if len(req.messages) > settings.max_messages:
             raise InvalidRequest(
@@ -150,15 +207,24 @@ class OpenAIController(Controller):
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
         try:
-            prompt = engine.render_chat(conversation)
+            prompt = gen_engine.render_chat(conversation)
         except ServingError as exc:
             raise api_error(exc) from exc
         max_tokens = req.max_completion_tokens or req.max_tokens
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         return await self._start(
-            "chat", request, engine, [prompt], req, max_tokens, logprobs, telemetry, services
+            "chat",
+            request,
+            call,
+            gen_engine,
+            [prompt],
+            req,
+            max_tokens,
+            logprobs,
+            services,
+            response_format=_response_format(req),
         )
 
     @post("/completions", status_code=200)
@@ -167,11 +233,13 @@ class OpenAIController(Controller):
         request: Request[Any, Any, Any],
         host: NamedDependency[EngineHost],
         settings: NamedDependency[Settings],
-        telemetry: NamedDependency[Telemetry],
         services: NamedDependency[Services],
     ) -> Response[Any]:
         req = decode(await request.body(), CompletionRequest)
-        engine = _generation_engine(request, host, req.model)
+        engine = _engine(host, req.model)
+        call = _open_call(request, services, "text_completion", engine)
+        gen_engine = _generation_engine(engine, req.model)
+        _refuse_unsupported(req)
         _check_n(req.n, settings)
         if req.echo:
             raise InvalidRequest("echo is not supported.", param="echo")
@@ -185,33 +253,30 @@ class OpenAIController(Controller):
                 f"prompts times n must be at most {settings.max_n}.", param="prompt"
             )
         try:
-            prompts = [engine.tokenize(p) if isinstance(p, str) else p for p in raw]
+            prompts = [gen_engine.tokenize(p) if isinstance(p, str) else p for p in raw]
         except ServingError as exc:
             raise api_error(exc) from exc
         return await self._start(
-            "text", request, engine, prompts, req, req.max_tokens, req.logprobs, telemetry, services
+            "text", request, call, gen_engine, prompts, req, req.max_tokens, req.logprobs, services
         )
 
     async def _start(
         self,
         flavor: Flavor,
         request: Request[Any, Any, Any],
+        call: Call,
         engine: GenerationEngine,
         prompts: list[list[int]],
         req: ChatCompletionRequest | CompletionRequest,
         max_tokens: int | None,
         logprobs: int | None,
-        telemetry: Telemetry,
         services: Services,
+        *,
+        response_format: ResponseFormat | None = None,
     ) -> Response[Any]:
         longest = max(len(p) for p in prompts)
         if max_tokens is None:
             max_tokens = max(engine.max_model_len - longest, 1)
-        try:
-            for prompt in prompts:  # before admission: a bad request reserves nothing
-                engine.check_prompt(prompt, max_tokens)
-        except ServingError as exc:
-            raise api_error(exc) from exc
         options = SamplingOptions(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -219,47 +284,41 @@ class OpenAIController(Controller):
             n=req.n,
             stop=req.stop_list(),
             seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
+            logit_bias=_logit_bias(req.logit_bias),
+            response_format=response_format,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
         )
-        ticket = await _admit(
-            request,
-            services,
-            engine.name,
-            sum(len(p) for p in prompts),
-            max_tokens * req.n * len(prompts),
-        )
-        request_id = ticket.request_id
-        obs = Observation(
-            telemetry,
-            "chat" if flavor == "chat" else "text_completion",
-            engine.name,
-            request_id,
+        try:  # before admission: a bad request reserves nothing
+            answer = Generation(
+                flavor=flavor,
+                engine=engine,
+                prompts=prompts,
+                options=options,
+                call=call,
+                stream=bool(req.stream),
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            )
+        except ServingError as exc:
+            raise api_error(exc) from exc
+        call.obs.set(
             **{
                 "gen_ai.request.max_tokens": max_tokens,
                 "gen_ai.request.temperature": req.temperature,
                 "gen_ai.request.top_p": req.top_p,
                 "gen_ai.request.seed": req.seed,
                 "gen_ai.request.choice.count": req.n,
-            },
+            }
         )
-        gen = Generation(
-            flavor=flavor,
-            engine=engine,
-            prompts=prompts,
-            options=options,
-            request_id=request_id,
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            obs=obs,
-            stream=req.stream,
-            ticket=ticket,
-            receipt=_receipt(request, services, obs.operation),
+        await _admit(
+            request, services, call, sum(len(p) for p in prompts), max_tokens * req.n * len(prompts)
         )
-        if req.stream:
-            return await gen.open_stream()
-        return await gen.complete(request)
+        return CallResponse(call, answer)
 
     @post("/embeddings", status_code=200)
     async def embeddings(
@@ -267,16 +326,11 @@ class OpenAIController(Controller):
         request: Request[Any, Any, Any],
         host: NamedDependency[EngineHost],
         settings: NamedDependency[Settings],
-        telemetry: NamedDependency[Telemetry],
         services: NamedDependency[Services],
-    ) -> Response[bytes]:
+    ) -> Response[Any]:
         req = decode(await request.body(), EmbeddingRequest)
-        engine = host.get(req.model)
-        if engine is None:
-            raise ModelNotFound(req.model)
-        _check_allowed(request, engine.name)
-        from serving import EmbeddingEngine
-
+        engine = _engine(host, req.model)
+        call = _open_call(request, services, "embeddings", engine)
         if not isinstance(engine, EmbeddingEngine):
             raise InvalidRequest(
                 f"The model `{req.model}` does not produce embeddings.",
@@ -286,80 +340,18 @@ class OpenAIController(Controller):
         inputs = _embedding_inputs(req.input, settings.max_embedding_inputs)
         try:
             token_lists = [engine.tokenize(i) if isinstance(i, str) else i for i in inputs]
+            for ids in token_lists:
+                engine.check_prompt(ids, 0)
         except ServingError as exc:
             raise api_error(exc) from exc
-        ticket = await _admit(request, services, engine.name, sum(map(len, token_lists)), 0)
-        request_id = ticket.request_id
-        obs = Observation(telemetry, "embeddings", engine.name, request_id)
-        receipt = _receipt(request, services, "embeddings")
-        prompt_tokens = sum(map(len, token_lists))
-
-        def failed(status: EventStatus, tokens: int) -> None:
-            if receipt is not None:
-                event = receipt.event(
-                    request_id,
-                    model=engine.name,
-                    status=status,
-                    prompt_tokens=tokens,
-                    started=obs.started,
-                )
-                services.usage.record_later(event)
-
-        try:
-            with obs.engine_span("engine.embed"):
-                batch = await engine.embed(token_lists, request_id)
-        except ServingError as exc:
-            ticket.settle(0, 0)
-            obs.finish(error=type(exc).__name__)
-            failed(EventStatus.ERROR, 0)
-            raise api_error(exc) from exc
-        except BaseException as exc:
-            ticket.settle(prompt_tokens, 0)
-            obs.finish(error=type(exc).__name__, outcome="aborted")
-            failed(EventStatus.ABORTED, prompt_tokens)
-            raise
-        ticket.settle(batch.prompt_tokens, 0)
-        if req.dimensions is not None and req.dimensions != batch.dimensions:
-            obs.finish(error="InvalidRequest")
-            failed(EventStatus.ERROR, batch.prompt_tokens)
+        if req.dimensions is not None and req.dimensions != engine.dimensions:
             raise InvalidRequest(
-                f"This model produces {batch.dimensions} dimensions; "
+                f"This model produces {engine.dimensions} dimensions; "
                 "it cannot shorten its embeddings.",
                 param="dimensions",
             )
-        obs.finish(input_tokens=batch.prompt_tokens)
-        receipt_headers: dict[str, str] = {}
-        if receipt is not None:
-            event = receipt.event(
-                request_id,
-                model=engine.name,
-                status=EventStatus.OK,
-                prompt_tokens=batch.prompt_tokens,
-                started=obs.started,
-            )
-            await services.usage.record(event)  # durable before the answer leaves
-            receipt_headers = cost_header(event)
-        data = []
-        for i, raw in enumerate(batch.vectors):
-            vector: Any
-            if req.encoding_format == "base64":
-                vector = base64.b64encode(raw).decode()
-            else:
-                vector = array.array("f", raw).tolist()
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-        response = json_response(
-            {
-                "object": "list",
-                "data": data,
-                "model": engine.name,
-                "usage": {
-                    "prompt_tokens": batch.prompt_tokens,
-                    "total_tokens": batch.prompt_tokens,
-                },
-            }
-        )
-        response.headers.update(receipt_headers)
-        return response
+        await _admit(request, services, call, sum(map(len, token_lists)), 0)
+        return CallResponse(call, _Embeddings(call, engine, token_lists, req.encoding_format))
 
     @get("/models")
     async def list_models(
@@ -371,7 +363,7 @@ class OpenAIController(Controller):
             for s in host.catalog
             if principal is None or principal.may_use(s.name)
         ]
-        return json_response({"object": "list", "data": cards})
+        return _json({"object": "list", "data": cards})
 
     @get("/models/{model_id:path}")
     async def get_model(
@@ -384,7 +376,46 @@ class OpenAIController(Controller):
         principal = principal_of(request.scope)
         if spec is None or (principal is not None and not principal.may_use(spec.name)):
             raise ModelNotFound(model_id.lstrip("/"))
-        return json_response(_model_card(spec.name))
+        return _json(_model_card(spec.name))
+
+
+class _Embeddings:
+    """The answer of one embeddings call."""
+
+    def __init__(
+        self, call: Call, engine: EmbeddingEngine, inputs: list[list[int]], encoding: str
+    ) -> None:
+        self.call = call
+        self.engine = engine
+        self.inputs = inputs
+        self.encoding = encoding
+
+    async def __call__(self, send: Send) -> None:
+        call = self.call
+        try:
+            with call.obs.engine_span("engine.embed"):
+                batch = await self.engine.embed(self.inputs, call.request_id)
+        except ServingError as exc:
+            call.close(outcome_of(exc), type(exc).__name__)
+            await send_error(send, api_error(exc))
+            return
+        call.usage.prompt_tokens = batch.prompt_tokens
+        event = await call.commit()
+        data = []
+        for i, raw in enumerate(batch.vectors):
+            vector: Any
+            if self.encoding == "base64":
+                vector = base64.b64encode(raw).decode()
+            else:
+                vector = array.array("f", raw).tolist()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        body = {
+            "object": "list",
+            "data": data,
+            "model": self.engine.name,
+            "usage": {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens},
+        }
+        await send_json(send, 200, _encode(body), cost_header(event) if event else None)
 
 
 _CREATED = int(time.time())
