@@ -425,8 +425,10 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             )
         try:
             return SamplingParams(**kwargs)
-        except ValueError as exc:  # vLLM's own validation error is a ValueError too
-            raise InvalidPrompt(str(exc)) from exc
+        except Exception as exc:
+            if _is_client_error(exc):
+                raise _invalid(exc) from exc
+            raise
 
     def generate(
         self,
@@ -457,11 +459,11 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
                     cached_tokens=out.num_cached_tokens or 0,
                     finished=out.finished,
                 )
-        except ValueError as exc:  # vLLM's validation of the request
-            raise InvalidPrompt(str(exc)) from exc
         except Exception as exc:
             if llm.errored:
                 raise self._died(exc) from exc
+            if _is_client_error(exc):  # vLLM's validation of the request
+                raise _invalid(exc) from exc
             raise
         finally:
             # Closing vLLM's generator aborts the request in the engine when it is unfinished.
@@ -522,11 +524,11 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
             try:
                 async for out in results:
                     final = out
-            except ValueError as exc:
-                raise InvalidPrompt(str(exc)) from exc
             except Exception as exc:
                 if llm.errored:
                     raise self._died(exc) from exc
+                if _is_client_error(exc):
+                    raise _invalid(exc) from exc
                 raise
             finally:
                 await results.aclose()
@@ -547,6 +549,23 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
             dimensions=len(vectors[0]) // 4 if vectors else 0,
             prompt_tokens=sum(len(ids) for ids in inputs),
         )
+
+
+#: vLLM's names of request parameters, as the OpenAI API names them.
+_PARAMS = {"structured_outputs": "response_format", "prompt_token_ids": "prompt"}
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    """Whether vLLM refused the request itself (its fault is the caller's)."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(exc, VLLMClientError | ValueError)
+
+
+def _invalid(exc: BaseException) -> InvalidPrompt:
+    parameter = getattr(exc, "parameter", None)
+    message = str(exc.args[0]) if exc.args else str(exc)
+    return InvalidPrompt(message, param=_PARAMS.get(parameter, parameter) if parameter else None)
 
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -8,7 +8,7 @@ import msgspec
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 
-from serving import EngineHost, EngineState
+from serving import EngineHost
 
 __all__ = ["HealthController"]
 
@@ -35,7 +35,7 @@ class HealthController(Controller):
             status = "ready"
         elif startup_error is not None:
             status = "failed"
-        elif any(s.restarts or s.state == EngineState.FAILED for s in stats.values()):
+        elif any(not s.ready and s.last_error is not None for s in stats.values()):
             status = "recovering"
         else:
             status = "starting"
