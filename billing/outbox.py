@@ -444,10 +444,19 @@ class RedisOutbox(Outbox):
         return self._consumer
 
     async def append(self, event: UsageEvent) -> None:
-        check_event(event)
-        payload = encode_event(event)
+        stream, fields = self.entry(event)
         async with self._calling():
-            await self._client.xadd(self._stream, {_FIELD: payload})
+            await self._client.xadd(stream, fields)  # type: ignore[arg-type]
+
+    def entry(self, event: UsageEvent) -> tuple[str, dict[bytes, bytes]]:
+        """The stream key and the fields that `append` adds for ``event``, for a caller that
+        sends the ``XADD`` itself (in one round trip with other commands).
+
+        Raises:
+            InvalidEvent: the ledger could not store the event.
+        """
+        check_event(event)
+        return self._stream, {_FIELD: encode_event(event)}
 
     async def claim_entries(self, max_entries: int) -> list[Claimed]:
         async with self._calling():

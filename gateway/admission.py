@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from billing.events import UsageEvent
+from billing.ledger import InvalidEvent
+from billing.outbox import RedisOutbox
 from billing.pricing import to_nano_usd
 from billing.spool import Spool
 from gateway.auth import Principal
@@ -34,11 +37,13 @@ from gateway.quotas import (
     Demand,
     Dimension,
     QuotaStore,
+    RedisQuotaStore,
     Scope,
     StoreUnavailable,
 )
 from gateway.quotas.watchdog import NotSent, StoreWatchdog, guarded
 from gateway.telemetry import Telemetry
+from gateway.usage import UsageRecorder
 
 __all__ = ["Admission", "Ticket", "ratelimit_headers"]
 
@@ -117,6 +122,20 @@ class Ticket:
         self._settled = True
         self._admission.settle_later(self, tokens, to_nano_usd(spend))
 
+    async def settle_with(self, tokens: int, spend: Decimal, event: UsageEvent) -> bool:
+        """Settle, and write the request's usage event durably; on Redis, in one round trip.
+
+        Returns:
+            Whether the event was written (see `UsageRecorder.record`).
+        """
+        admission = self._admission
+        if admission is None or admission.recorder is None:
+            raise RuntimeError("settle_with needs a metered ticket and a usage recorder")
+        if self._settled:
+            return await admission.recorder.record(event)
+        self._settled = True
+        return await admission.settle_and_record(self, tokens, to_nano_usd(spend), event)
+
 
 #: A ticket for a request nobody counts (authentication off, or the operator).
 def unmetered(request_id: str, model: str) -> Ticket:
@@ -138,6 +157,7 @@ class Admission:
         hard_timeout_s: float = 5.0,
         watchdog: StoreWatchdog | None = None,
         spool: Spool | None = None,
+        recorder: UsageRecorder | None = None,
     ) -> None:
         self.store = store
         self.telemetry = telemetry
@@ -148,6 +168,14 @@ class Admission:
         self.hard_timeout_s = hard_timeout_s
         self.watchdog = watchdog
         self.spool = spool
+        #: Writes usage events; settlements of answered requests travel with them.
+        self.recorder = recorder
+        # On Redis, a settlement and its event's XADD go in one round trip.
+        self._combined = (
+            isinstance(store, RedisQuotaStore)
+            and recorder is not None
+            and isinstance(recorder.outbox, RedisOutbox)
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[str, tuple[str, int, int]] = {}
         self._wakeup = asyncio.Event()
@@ -255,6 +283,41 @@ class Admission:
             self._queue(partition, request_id, tokens, spend, spool=False)
         if kept:
             logger.info("applying %d settlement(s) left by an earlier run", len(kept))
+
+    async def settle_and_record(
+        self, ticket: Ticket, tokens: int, spend: int, event: UsageEvent
+    ) -> bool:
+        """Settle ``ticket`` and write ``event``: one pipeline on Redis, else one after the
+        other (the settlement in the background).
+
+        Returns:
+            Whether the event was written.
+        """
+        recorder = self.recorder
+        assert recorder is not None  # Ticket.settle_with checks
+        outbox = recorder.outbox
+        if not self._combined or not isinstance(outbox, RedisOutbox):
+            self.settle_later(ticket, tokens, spend)
+            return await recorder.record(event)
+        try:
+            stream, fields = outbox.entry(event)
+        except InvalidEvent:
+            self.settle_later(ticket, tokens, spend)
+            return await recorder.record(event)  # spooled aside, never dropped
+        assert isinstance(self.store, RedisQuotaStore)
+        try:
+            settled, added = await self._call(
+                self.store.settle_and_add(
+                    ticket.partition, ticket.request_id, tokens, spend, stream, fields
+                )
+            )
+        except (StoreUnavailable, TimeoutError):
+            self.telemetry.quota_store_errors.add(1, {"operation": "settle"})
+            self._queue(ticket.partition, ticket.request_id, tokens, spend)
+            return await recorder.record(event)  # the fallback outbox, then the spool
+        if settled is None:
+            self._queue(ticket.partition, ticket.request_id, tokens, spend)
+        return True if added else await recorder.record(event)
 
     def settle_later(self, ticket: Ticket, tokens: int, spend: int) -> None:
         task = asyncio.get_running_loop().create_task(

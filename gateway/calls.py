@@ -155,18 +155,20 @@ class Call:
             self._recorder.record_later(event)
         return event
 
-    def _end(self, outcome: Outcome, error: str | None) -> UsageEvent | None:
+    def _end(
+        self, outcome: Outcome, error: str | None, *, settle: bool = True
+    ) -> UsageEvent | None:
         if self.closed:
             return None
         self.closed = True
         self.outcome = outcome
         try:
-            return self._close(outcome, error)
+            return self._close(outcome, error, settle)
         except Exception:  # a bug here must not leave the rest of the request undone
             logger.exception("closing call %s failed", self.request_id)
             return None
 
-    def _close(self, outcome: Outcome, error: str | None) -> UsageEvent | None:
+    def _close(self, outcome: Outcome, error: str | None, settle: bool) -> UsageEvent | None:
         tokens = self._tokens(outcome)
         event = None
         if self._recorder is not None and self.principal is not None:
@@ -184,8 +186,9 @@ class Call:
                 if self.obs.first_token_at is None
                 else self.obs.first_token_at - self.started,
             )
-        spend = event.cost_usd if event is not None else Decimal(0)
-        self.ticket.settle(tokens.prompt_tokens + tokens.completion_tokens, spend)
+        if settle or event is None:
+            spend = event.cost_usd if event is not None else Decimal(0)
+            self.ticket.settle(tokens.prompt_tokens + tokens.completion_tokens, spend)
         self.obs.finish(
             input_tokens=tokens.prompt_tokens,
             output_tokens=tokens.completion_tokens,
@@ -206,10 +209,16 @@ class Call:
             The event once written, for the receipt; ``None`` when nobody is billed or it
             could not be written (then the answer must not claim a receipt).
         """
-        event = self._end(Outcome.OK, None)
-        if event is None or self._recorder is None:
+        event = self._end(Outcome.OK, None, settle=False)
+        recorder = self._recorder
+        if event is None or recorder is None:
             return None
-        written = await asyncio.shield(self._recorder.record_later(event))
+        if self.ticket.metered:  # the settlement travels with the event (one round trip)
+            tokens = self.usage.prompt_tokens + self.usage.completion_tokens
+            task = recorder.own(self.ticket.settle_with(tokens, event.cost_usd, event))
+        else:
+            task = recorder.record_later(event)
+        written = await asyncio.shield(task)
         return event if written else None
 
     def fail(self, status_code: int, error: str | None = None) -> None:

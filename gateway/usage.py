@@ -21,8 +21,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from billing.events import CacheTier, EventStatus, UsageEvent, decode_event, encode_event
 from billing.ledger import InvalidEvent, Ledger
@@ -183,7 +185,11 @@ class UsageRecorder:
         The task is the recorder's own: cancelling the caller does not cancel it, and
         `close` waits for it.
         """
-        task = asyncio.get_running_loop().create_task(self.record(event))
+        return self.own(self.record(event))
+
+    def own(self, write: Coroutine[Any, Any, bool]) -> asyncio.Task[bool]:
+        """Run ``write`` (a coroutine that writes an event) as a task of the recorder's."""
+        task = asyncio.get_running_loop().create_task(write)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -258,17 +264,36 @@ class UsageRecorder:
             moved += len(done)
 
     async def _replay_loop(self) -> None:
+        # What an earlier process left in the spool, then whatever this one spools: the
+        # spool is not touched while nothing has been spooled (the common case).
+        pending = await self._spooled_at_start()
         while True:
+            if not pending:
+                await self._replay_now.wait()
+            self._replay_now.clear()
             try:
                 moved = await self.replay()
                 if moved:
                     logger.info("replayed %d spooled usage event(s) into the outbox", moved)
+                pending = bool(self._unwritten) or (
+                    self.spool is not None and await asyncio.to_thread(self.spool.count, EVENT) > 0
+                )
             except Exception:
                 logger.warning("usage replay failed; retrying", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._replay_s):
-                    await self._replay_now.wait()
-            self._replay_now.clear()
+                pending = True
+            if pending:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._replay_s):
+                        await self._replay_now.wait()
+
+    async def _spooled_at_start(self) -> bool:
+        if self.spool is None or not self.spool.path.exists():
+            return False
+        try:
+            return await asyncio.to_thread(self.spool.count, EVENT) > 0
+        except OSError as exc:
+            logger.warning("could not read the usage spool: %s", exc)
+            return False
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Wait for writes in flight, spool what is still only in memory, and stop."""

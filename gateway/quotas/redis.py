@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.quotas import _lua
 from gateway.quotas._common import (
@@ -98,10 +98,14 @@ class RedisQuotaStore(QuotaStore):
         window_s: int = 60,
         max_connections: int = MAX_CONNECTIONS,
     ) -> RedisQuotaStore:
-        """A store on a new client for ``url`` that gives up after ``timeout_s``, never retrying.
+        """A store on a new client for ``url`` that gives up after ``timeout_s``.
 
         Connecting, each reply and waiting for a free pooled connection take ``timeout_s`` at
         most each; a whole call, ``2 * timeout_s``. Nothing connects before the first call.
+        A call whose connection fails is retried once, at once, on a new connection: after a
+        Redis restart every pooled connection is stale, and without the retry each would
+        fail one call. (A retried admission whose first reply was lost finds its own
+        reservation and is refused: its id is taken; a retried settlement applies once.)
 
         Raises:
             ValueError: the URL is not a Redis URL.
@@ -112,7 +116,7 @@ class RedisQuotaStore(QuotaStore):
             timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1),
             health_check_interval=HEALTH_CHECK_INTERVAL_S,
         )
         client = redis.asyncio.Redis.from_pool(pool)
@@ -154,6 +158,44 @@ class RedisQuotaStore(QuotaStore):
         args: list[str | int] = [request_id, tokens, spend_nusd, self._window_s, TOMBSTONE_TTL_S]
         reply = await self._run(self._settle, [self._base(partition)], args)
         return reply == 1
+
+    async def settle_and_add(
+        self,
+        partition: str,
+        request_id: str,
+        tokens: int,
+        spend_nusd: int,
+        stream: str,
+        fields: Mapping[bytes, bytes],
+    ) -> tuple[bool | None, bool]:
+        """`settle`, and ``XADD stream fields``, in one round trip (a pipeline).
+
+        Returns:
+            Whether the settlement applied (``None``: it failed on the server and must be
+            retried), and whether the entry was added.
+
+        Raises:
+            StoreUnavailable: the store did not answer; neither outcome is known (retrying
+                either is safe: the settlement applies once, and the entry's consumer
+                ignores a second copy of an event).
+        """
+        check_settlement(partition, request_id, tokens, spend_nusd)
+        args: list[str | int] = [request_id, tokens, spend_nusd, self._window_s, TOMBSTONE_TTL_S]
+        pipe = self._client.pipeline(transaction=False)
+        # EVALSHA directly: a pipeline holding a Script object checks SCRIPT EXISTS first,
+        # which is one more round trip.
+        pipe.evalsha(self._settle.sha, 1, self._base(partition), *args)
+        pipe.xadd(stream, dict(fields))  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                settled, added = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        if isinstance(settled, NoScriptError):  # a restarted server: load it and settle
+            settled = await self.settle(partition, request_id, tokens, spend_nusd)
+        elif isinstance(settled, BaseException):
+            settled = None
+        return (None if settled is None else settled == 1), not isinstance(added, BaseException)
 
     async def usage(self, partition: str, scope: str) -> ScopeUsage:
         check_partition(partition)

@@ -143,3 +143,11 @@ async def guarded(
     finally:
         if not task.done():
             task.cancel()
+            # The call may still end with its own error rather than the cancellation (the
+            # client turns it into a connection error): nobody waits for it any more.
+            task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

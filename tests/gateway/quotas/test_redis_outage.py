@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -133,3 +134,16 @@ async def test_errors_never_show_the_url_or_password(server: RedisServer) -> Non
     for error in (wrong_password.value, pinged.value, stopped.value):
         for leak in (secret, url, "the-real-one", str(server.port), "127.0.0.1"):
             assert leak not in str(error)
+
+
+async def test_after_a_restart_stale_pooled_connections_fail_no_call(
+    store: RedisQuotaStore, server: RedisServer
+) -> None:
+    # Fill the pool with connections, then restart the server under them.
+    first = await asyncio.gather(*(store.admit(P, SCOPES, demand(), 30) for _ in range(20)))
+    assert all(d.admitted for d in first)
+    server.stop()
+    server.start()
+    await asyncio.sleep(1.2)  # past the pool's health-check interval: each is checked first
+    again = await asyncio.gather(*(store.admit(P, SCOPES, demand(), 30) for _ in range(20)))
+    assert all(d.admitted for d in again)
