@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from billing.outbox import SqlOutbox, make_outbox
 from billing.spool import Spool
 from gateway.admission import Admission
 from gateway.api import AdminController, BillingController, HealthController, OpenAIController
+from gateway.api.openapi import openapi_config
 from gateway.auth import Authenticator, AuthMiddleware
 from gateway.calls import CallGuard, call_of
 from gateway.credentials import check_admin_token, load_secret
@@ -31,6 +33,7 @@ from gateway.settings import Settings
 from gateway.telemetry import Telemetry, setup_telemetry
 from gateway.usage import UsageRecorder
 from serving import EngineHost, load_catalog
+from serving.progress import Progress
 
 __all__ = ["create_app"]
 
@@ -45,11 +48,13 @@ def create_app(
     on_ready: Callable[[], None] | None = None,
     on_startup_failure: Callable[[BaseException], None] | None = None,
     own_engines: bool = True,
+    progress: Progress | None = None,
 ) -> Litestar:
     """Build the gateway app; its engines start in the background once the app starts.
 
     ``/healthz`` answers at once, ``/readyz`` only when every engine is up. With
     ``own_engines=False`` the caller starts and stops ``host`` (several apps sharing one host).
+    ``progress`` hears of each engine's start-up (``tollgate serve`` prints it).
 
     Raises:
         CatalogError: the models file is wrong; the message names the entry.
@@ -61,6 +66,7 @@ def create_app(
         host = EngineHost(
             load_catalog(settings.models_path, settings.data_path),
             ready_wait_s=settings.engine_wait_s,
+            progress=progress,
         )
     telemetry = telemetry or setup_telemetry()
     startup: dict[str, str | None] = {"error": None}
@@ -129,6 +135,7 @@ def create_app(
             watchdog=watchdog,
             pricer=usage.reservation_usd,
             spool=spool if settings.redis_url else None,
+            recorder=usage,
         )
         await admission.start()
         telemetry.observe_engines(host.restarts)
@@ -202,9 +209,18 @@ def create_app(
         before_send=[add_request_id],
         request_max_body_size=settings.max_body_bytes,
         lifespan=[lifespan],
-        openapi_config=None,
+        openapi_config=openapi_config(
+            _version(), [name for spec in host.catalog for name in (spec.name, *spec.aliases)]
+        ),
         logging_config=None,
     )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tollgate")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "0.0.0"
 
 
 def _close_failed_call(scope: Any, status_code: int, error: str) -> None:

@@ -21,7 +21,21 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.params import FromPath
 
 from gateway import db
+from gateway.api import openapi as docs
 from gateway.api._generation import json_response
+from gateway.api._shapes import (
+    ApiKey as ApiKeyBody,
+)
+from gateway.api._shapes import (
+    ApiKeyList,
+    DeletedTenant,
+    NewApiKey,
+    Quota,
+    TenantList,
+)
+from gateway.api._shapes import (
+    Tenant as TenantBody,
+)
 from gateway.api.schemas import decode
 from gateway.auth import Principal, principal_of
 from gateway.db import ApiKey, QuotaPolicy, Tenant
@@ -39,8 +53,11 @@ __all__ = ["AdminController", "caller", "operator_only", "require_admin"]
 
 T = TypeVar("T")
 
-_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-_Count = Annotated[int, msgspec.Meta(ge=0)]
+#: No NUL: PostgreSQL's text cannot hold it.
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+#: Limits as their columns hold them (32-bit and 64-bit signed integers).
+_Count32 = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+_Count64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 
 class TenantCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -62,11 +79,11 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class QuotaPut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A whole quota policy; a field left out or null is unlimited."""
 
-    rpm: _Count | None = None
-    tpm: _Count | None = None
-    max_concurrency: _Count | None = None
-    daily_tokens: _Count | None = None
-    monthly_tokens: _Count | None = None
+    rpm: _Count32 | None = None
+    tpm: _Count64 | None = None
+    max_concurrency: _Count32 | None = None
+    daily_tokens: _Count64 | None = None
+    monthly_tokens: _Count64 | None = None
     #: USD as a string ("12.50"); a JSON number is read from its text, never through a float.
     monthly_spend_usd: Decimal | None = None
 
@@ -152,6 +169,14 @@ def _account_error(_: Request[Any, Any, Any], exc: db.AccountError) -> Response[
     return error_response(error)
 
 
+#: Every admin route: the caller may not use the admin API, or not this route.
+_READ = (403,)
+_READ_ONE = (403, 404)
+_WRITE = (400, 403, 404, 409, 413)
+_TENANT_ID = {"tenant_id": {"description": "The tenant's id (`ten_...`)."}}
+_KEY_ID = {"key_id": {"description": "The key's id (`key_...`), not the key."}}
+
+
 class AdminController(Controller):
     path = "/admin/v1"
     guards = [require_admin]  # noqa: RUF012 (litestar reads it as a class attribute)
@@ -162,6 +187,8 @@ class AdminController(Controller):
     ) -> Tenant:
         """The tenant if the caller may see it; else 404, the same as a missing id."""
         if not principal.operator and principal.tenant_id != tenant_id:
+            raise _not_found("tenant", tenant_id)
+        if "\x00" in tenant_id:  # no id holds one, and PostgreSQL refuses to look it up
             raise _not_found("tenant", tenant_id)
         try:
             tenant = await services.accounts.get_tenant(tenant_id)
@@ -174,6 +201,8 @@ class AdminController(Controller):
     async def _key(
         self, services: NamedDependency[Services], principal: Principal, key_id: str
     ) -> ApiKey:
+        if "\x00" in key_id:  # no id holds one, and PostgreSQL refuses to look it up
+            raise _not_found("key", key_id)
         try:
             key = await services.accounts.get_key(key_id)
         except db.NotFound:
@@ -185,7 +214,18 @@ class AdminController(Controller):
 
     # Tenants
 
-    @post("/tenants", status_code=201)
+    @post(
+        "/tenants",
+        status_code=201,
+        operation_class=docs.operation(
+            "createTenant",
+            "Create a tenant (operator only)",
+            tag="Admin",
+            body=TenantCreate,
+            answers={201: docs.json(TenantBody, "The tenant.")},
+            errors=(400, 403, 409, 413),
+        ),
+    )
     async def create_tenant(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
@@ -194,7 +234,16 @@ class AdminController(Controller):
         tenant = await services.accounts.create_tenant(body.name)
         return json_response(_tenant_body(tenant), status_code=201)
 
-    @get("/tenants")
+    @get(
+        "/tenants",
+        operation_class=docs.operation(
+            "listTenants",
+            "List the tenants the caller may see",
+            tag="Admin",
+            answers={200: docs.json(TenantList, "The tenants.")},
+            errors=_READ,
+        ),
+    )
     async def list_tenants(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
@@ -203,7 +252,17 @@ class AdminController(Controller):
         tenants = await services.accounts.list_tenants(tenant_id=only)
         return json_response({"object": "list", "data": [_tenant_body(t) for t in tenants]})
 
-    @get("/tenants/{tenant_id:str}")
+    @get(
+        "/tenants/{tenant_id:str}",
+        operation_class=docs.operation(
+            "retrieveTenant",
+            "Retrieve a tenant",
+            tag="Admin",
+            answers={200: docs.json(TenantBody, "The tenant.")},
+            errors=_READ_ONE,
+            params=_TENANT_ID,
+        ),
+    )
     async def get_tenant(
         self,
         tenant_id: FromPath[str],
@@ -213,7 +272,18 @@ class AdminController(Controller):
         tenant = await self._tenant(services, caller(request), tenant_id)
         return json_response(_tenant_body(tenant))
 
-    @patch("/tenants/{tenant_id:str}")
+    @patch(
+        "/tenants/{tenant_id:str}",
+        operation_class=docs.operation(
+            "updateTenant",
+            "Rename a tenant",
+            tag="Admin",
+            body=TenantUpdate,
+            answers={200: docs.json(TenantBody, "The tenant.")},
+            errors=_WRITE,
+            params=_TENANT_ID,
+        ),
+    )
     async def update_tenant(
         self,
         tenant_id: FromPath[str],
@@ -225,7 +295,18 @@ class AdminController(Controller):
         tenant = await services.accounts.rename_tenant(tenant_id, body.name)
         return json_response(_tenant_body(tenant))
 
-    @delete("/tenants/{tenant_id:str}", status_code=200)
+    @delete(
+        "/tenants/{tenant_id:str}",
+        status_code=200,
+        operation_class=docs.operation(
+            "deleteTenant",
+            "Delete a tenant: its keys stop working (operator only)",
+            tag="Admin",
+            answers={200: docs.json(DeletedTenant, "The tenant is deleted.")},
+            errors=(403, 404, 409),
+            params=_TENANT_ID,
+        ),
+    )
     async def delete_tenant(
         self,
         tenant_id: FromPath[str],
@@ -241,7 +322,19 @@ class AdminController(Controller):
 
     # Keys
 
-    @post("/tenants/{tenant_id:str}/keys", status_code=201)
+    @post(
+        "/tenants/{tenant_id:str}/keys",
+        status_code=201,
+        operation_class=docs.operation(
+            "createKey",
+            "Create an API key; its value is in this answer only",
+            tag="Admin",
+            body=KeyCreate,
+            answers={201: docs.json(NewApiKey, "The key, with its value.")},
+            errors=_WRITE,
+            params=_TENANT_ID,
+        ),
+    )
     async def create_key(
         self,
         tenant_id: FromPath[str],
@@ -251,14 +344,17 @@ class AdminController(Controller):
         await self._tenant(services, caller(request), tenant_id)
         body = decode(await request.body(), KeyCreate)
         expires_at: datetime | None
-        if isinstance(body.expires_at, int):
-            expires_at = datetime.fromtimestamp(body.expires_at, UTC)
-        elif body.expires_at is not None:
-            if body.expires_at.tzinfo is None:
-                raise InvalidRequest("expires_at needs a time zone.", param="expires_at")
-            expires_at = body.expires_at.astimezone(UTC)
-        else:
-            expires_at = None
+        try:
+            if isinstance(body.expires_at, int):
+                expires_at = datetime.fromtimestamp(body.expires_at, UTC)
+            elif body.expires_at is not None:
+                if body.expires_at.tzinfo is None:
+                    raise InvalidRequest("expires_at needs a time zone.", param="expires_at")
+                expires_at = body.expires_at.astimezone(UTC)
+            else:
+                expires_at = None
+        except (OverflowError, OSError, ValueError):  # beyond the years a datetime holds
+            raise InvalidRequest("expires_at is out of range.", param="expires_at") from None
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidRequest("expires_at is in the past.", param="expires_at")
         if body.models is not None:
@@ -280,7 +376,17 @@ class AdminController(Controller):
         )
         return json_response(_key_body(key, plaintext), status_code=201)
 
-    @get("/tenants/{tenant_id:str}/keys")
+    @get(
+        "/tenants/{tenant_id:str}/keys",
+        operation_class=docs.operation(
+            "listKeys",
+            "List a tenant's keys",
+            tag="Admin",
+            answers={200: docs.json(ApiKeyList, "The keys.")},
+            errors=_READ_ONE,
+            params=_TENANT_ID,
+        ),
+    )
     async def list_keys(
         self,
         tenant_id: FromPath[str],
@@ -291,7 +397,17 @@ class AdminController(Controller):
         keys = await services.accounts.list_keys(tenant_id)
         return json_response({"object": "list", "data": [_key_body(k) for k in keys]})
 
-    @get("/keys/{key_id:str}")
+    @get(
+        "/keys/{key_id:str}",
+        operation_class=docs.operation(
+            "retrieveKey",
+            "Retrieve a key",
+            tag="Admin",
+            answers={200: docs.json(ApiKeyBody, "The key.")},
+            errors=_READ_ONE,
+            params=_KEY_ID,
+        ),
+    )
     async def get_key(
         self,
         key_id: FromPath[str],
@@ -301,7 +417,18 @@ class AdminController(Controller):
         key = await self._key(services, caller(request), key_id)
         return json_response(_key_body(key))
 
-    @delete("/keys/{key_id:str}", status_code=200)
+    @delete(
+        "/keys/{key_id:str}",
+        status_code=200,
+        operation_class=docs.operation(
+            "revokeKey",
+            "Revoke a key",
+            tag="Admin",
+            answers={200: docs.json(ApiKeyBody, "The key, revoked.")},
+            errors=(403, 404, 409),
+            params=_KEY_ID,
+        ),
+    )
     async def revoke_key(
         self,
         key_id: FromPath[str],
@@ -315,7 +442,17 @@ class AdminController(Controller):
 
     # Quotas
 
-    @get("/tenants/{tenant_id:str}/quota")
+    @get(
+        "/tenants/{tenant_id:str}/quota",
+        operation_class=docs.operation(
+            "retrieveTenantQuota",
+            "Retrieve a tenant's quota",
+            tag="Admin",
+            answers={200: docs.json(Quota, "The quota.")},
+            errors=_READ_ONE,
+            params=_TENANT_ID,
+        ),
+    )
     async def get_tenant_quota(
         self,
         tenant_id: FromPath[str],
@@ -326,7 +463,18 @@ class AdminController(Controller):
         policy = await services.accounts.get_quota(tenant_id)
         return json_response(_quota_body(tenant_id, None, policy))
 
-    @put("/tenants/{tenant_id:str}/quota")
+    @put(
+        "/tenants/{tenant_id:str}/quota",
+        operation_class=docs.operation(
+            "setTenantQuota",
+            "Set a tenant's quota (operator only)",
+            tag="Admin",
+            body=QuotaPut,
+            answers={200: docs.json(Quota, "The quota.")},
+            errors=_WRITE,
+            params=_TENANT_ID,
+        ),
+    )
     async def put_tenant_quota(
         self,
         tenant_id: FromPath[str],
@@ -341,7 +489,17 @@ class AdminController(Controller):
         services.authenticator.forget()
         return json_response(_quota_body(tenant_id, None, policy))
 
-    @get("/keys/{key_id:str}/quota")
+    @get(
+        "/keys/{key_id:str}/quota",
+        operation_class=docs.operation(
+            "retrieveKeyQuota",
+            "Retrieve a key's quota",
+            tag="Admin",
+            answers={200: docs.json(Quota, "The quota.")},
+            errors=_READ_ONE,
+            params=_KEY_ID,
+        ),
+    )
     async def get_key_quota(
         self,
         key_id: FromPath[str],
@@ -352,7 +510,18 @@ class AdminController(Controller):
         policy = await services.accounts.get_quota(key.tenant_id, key.id)
         return json_response(_quota_body(key.tenant_id, key.id, policy))
 
-    @put("/keys/{key_id:str}/quota")
+    @put(
+        "/keys/{key_id:str}/quota",
+        operation_class=docs.operation(
+            "setKeyQuota",
+            "Set a key's quota",
+            tag="Admin",
+            body=QuotaPut,
+            answers={200: docs.json(Quota, "The quota.")},
+            errors=_WRITE,
+            params=_KEY_ID,
+        ),
+    )
     async def put_key_quota(
         self,
         key_id: FromPath[str],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import msgspec
@@ -21,11 +21,15 @@ from litestar.response import Stream
 from billing import export as exports
 from billing.deadletter import DeadLetter
 from billing.invoices import build_invoice, invoice_to_dict, period_bounds
+from billing.ledger import PriceConflict
+from gateway.api import openapi as docs
 from gateway.api._generation import json_response
+from gateway.api._shapes import DeadLetterList, Invoice, PriceList, UsageReport
+from gateway.api._shapes import Price as PriceBody
 from gateway.api.admin import caller, operator_only, require_admin
 from gateway.api.schemas import decode
 from gateway.auth import Principal
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.services import Services
 
 __all__ = ["BillingController"]
@@ -90,23 +94,43 @@ def _moment(value: str | None, param: str, default: datetime) -> datetime:
         raise InvalidRequest(f"{param} must be a date or an RFC 3339 time.", param=param) from None
     if moment.tzinfo is None:
         raise InvalidRequest(f"{param} needs a time zone.", param=param)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # within a day of the years a datetime holds
+        raise InvalidRequest(f"{param} is out of range.", param=param) from None
 
 
 def _tenant_scope(principal: Principal, tenant: str | None) -> str | None:
     """The tenant a query may cover: any for the operator, its own for a tenant admin."""
     if principal.operator:
+        if tenant is not None and "\x00" in tenant:  # no id holds one; PostgreSQL refuses it
+            raise NotFound(f"No tenant with id '{tenant}'.", param="tenant")
         return tenant
     if tenant is not None and tenant != principal.tenant_id:
         raise NotFound(f"No tenant with id '{tenant}'.", param="tenant")
     return principal.tenant_id
 
 
+_TENANT = {"tenant": {"description": "One tenant's id; a tenant admin's own by default."}}
+_DAY = {"type": "string", "format": "date"}
+
+
 class BillingController(Controller):
     path = "/admin/v1"
     guards = [require_admin]  # noqa: RUF012 (litestar reads it as a class attribute)
 
-    @put("/prices/{model:str}")
+    @put(
+        "/prices/{model:str}",
+        operation_class=docs.operation(
+            "setPrice",
+            "Add a version of a model's price (operator only)",
+            tag="Billing",
+            body=PricePut,
+            answers={200: docs.json(PriceBody, "The price version.")},
+            errors=(400, 403, 409, 413),
+            params={"model": {"description": "A model's name or alias."}},
+        ),
+    )
     async def put_price(
         self,
         model: FromPath[str],
@@ -118,33 +142,58 @@ class BillingController(Controller):
         if spec is None:
             raise InvalidRequest(f"Unknown model `{model}`.", param="model")
         body = decode(await request.body(), PricePut)
-        if isinstance(body.effective_from, int):
-            effective = datetime.fromtimestamp(body.effective_from, UTC)
-        elif body.effective_from is not None:
-            if body.effective_from.tzinfo is None:
-                raise InvalidRequest("effective_from needs a time zone.", param="effective_from")
-            effective = body.effective_from.astimezone(UTC)
-        else:
-            effective = datetime.now(UTC)
+        try:
+            if isinstance(body.effective_from, int):
+                effective = datetime.fromtimestamp(body.effective_from, UTC)
+            elif body.effective_from is not None:
+                if body.effective_from.tzinfo is None:
+                    raise InvalidRequest(
+                        "effective_from needs a time zone.", param="effective_from"
+                    )
+                effective = body.effective_from.astimezone(UTC)
+            else:
+                effective = datetime.now(UTC)
+        except (OverflowError, OSError, ValueError):  # beyond the years a datetime holds
+            raise InvalidRequest(
+                "effective_from is out of range.", param="effective_from"
+            ) from None
         cached = body.cached_input_per_mtok
         for field, value in msgspec.structs.asdict(body).items():
             if not isinstance(value, Decimal):
                 continue
             if not value.is_finite() or value < 0:
                 raise InvalidRequest(f"{field} must be a non-negative amount.", param=field)
-            if value != value.quantize(Decimal("0.000001")):
+            try:
+                exact = value == value.quantize(Decimal("0.000001"))
+            except InvalidOperation:  # more digits than a decimal context holds
+                raise InvalidRequest(f"{field} is too large.", param=field) from None
+            if not exact:
                 raise InvalidRequest(f"{field} may have at most 6 decimals.", param=field)
-        price = await services.usage.ledger.set_price(
-            spec.name,
-            input_per_mtok=body.input_per_mtok,
-            cached_input_per_mtok=body.input_per_mtok if cached is None else cached,
-            output_per_mtok=body.output_per_mtok,
-            effective_from=effective,
-        )
+        try:
+            price = await services.usage.ledger.set_price(
+                spec.name,
+                input_per_mtok=body.input_per_mtok,
+                cached_input_per_mtok=body.input_per_mtok if cached is None else cached,
+                output_per_mtok=body.output_per_mtok,
+                effective_from=effective,
+            )
+        except PriceConflict as exc:
+            raise Conflict(str(exc), param="effective_from") from None
+        except ValueError as exc:  # an amount with more integer digits than prices keep
+            raise InvalidRequest(str(exc)) from None
         await services.usage.refresh()
         return json_response(_price_body(price))
 
-    @get("/prices")
+    @get(
+        "/prices",
+        operation_class=docs.operation(
+            "listPrices",
+            "List every price version",
+            tag="Billing",
+            answers={200: docs.json(PriceList, "The price versions, by model and start.")},
+            errors=(403,),
+        ),
+    )
     async def list_prices(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
@@ -152,7 +201,21 @@ class BillingController(Controller):
         prices = await services.usage.ledger.prices()
         return json_response({"object": "list", "data": [_price_body(p) for p in prices]})
 
-    @get("/usage")
+    @get(
+        "/usage",
+        operation_class=docs.operation(
+            "retrieveUsage",
+            "Requests, tokens and cost per model, day or key",
+            tag="Billing",
+            answers={200: docs.json(UsageReport, "The usage.")},
+            errors=(400, 403, 404),
+            params={
+                **_TENANT,
+                "start": {"description": "The first day; the month's first by default.", **_DAY},
+                "end": {"description": "The day after the last; tomorrow by default.", **_DAY},
+            },
+        ),
+    )
     async def usage(
         self,
         request: Request[Any, Any, Any],
@@ -183,7 +246,23 @@ class BillingController(Controller):
             }
         )
 
-    @get("/billing/invoices")
+    @get(
+        "/billing/invoices",
+        operation_class=docs.operation(
+            "retrieveInvoice",
+            "A tenant's invoice for one month",
+            tag="Billing",
+            answers={200: docs.json(Invoice, "The invoice.")},
+            errors=(400, 403, 404),
+            params={
+                "tenant": {"description": "The tenant's id (required of the operator)."},
+                "period": {
+                    "description": "The month, `YYYY-MM`; this month by default.",
+                    "pattern": "^[0-9]{4}-[0-9]{2}$",
+                },
+            },
+        ),
+    )
     async def invoices(
         self,
         request: Request[Any, Any, Any],
@@ -208,7 +287,27 @@ class BillingController(Controller):
         invoice = build_invoice(scope, tenant_row.name, period, rows)
         return json_response(invoice_to_dict(invoice))
 
-    @get("/billing/export")
+    @get(
+        "/billing/export",
+        operation_class=docs.operation(
+            "exportUsage",
+            "Every usage event of a period, as a file",
+            tag="Billing",
+            answers={
+                200: docs.binary(
+                    "The events: CSV, JSON lines, Parquet or FOCUS (CSV).",
+                    ["text/csv", "application/x-ndjson", "application/vnd.apache.parquet"],
+                    **docs.ATTACHMENT,
+                )
+            },
+            errors=(400, 403, 404),
+            params={
+                **_TENANT,
+                "start": {"description": "A date (midnight UTC) or an RFC 3339 time."},
+                "end": {"description": "A date (midnight UTC) or an RFC 3339 time; default now."},
+            },
+        ),
+    )
     async def export(
         self,
         request: Request[Any, Any, Any],
@@ -237,7 +336,17 @@ class BillingController(Controller):
             headers={"content-disposition": f'attachment; filename="{name}"'},
         )
 
-    @get("/billing/dead-letters")
+    @get(
+        "/billing/dead-letters",
+        operation_class=docs.operation(
+            "listDeadLetters",
+            "Usage events the ledger could not take (operator only)",
+            tag="Billing",
+            answers={200: docs.json(DeadLetterList, "The dead letters, newest first.")},
+            errors=(400, 403),
+            params={"limit": {"description": "How many to list.", "minimum": 1, "maximum": 1000}},
+        ),
+    )
     async def dead_letters(
         self,
         request: Request[Any, Any, Any],

@@ -8,18 +8,41 @@ import msgspec
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 
+from gateway.api import openapi as docs
+from gateway.api._shapes import Health, Readiness
 from serving import EngineHost
 
 __all__ = ["HealthController"]
 
 
 class HealthController(Controller):
-    @get("/healthz")
+    @get(
+        "/healthz",
+        operation_class=docs.operation(
+            "healthz",
+            "Liveness: the process answers HTTP",
+            tag="Health",
+            answers={200: docs.json(Health, "Alive.")},
+            public=True,
+        ),
+    )
     async def healthz(self) -> Response[bytes]:
         """Alive: the process answers HTTP."""
         return Response(content=b'{"status":"ok"}', media_type="application/json")
 
-    @get("/readyz")
+    @get(
+        "/readyz",
+        operation_class=docs.operation(
+            "readyz",
+            "Readiness: every engine is ready",
+            tag="Health",
+            answers={
+                200: docs.json(Readiness, "Every engine is ready."),
+                503: docs.json(Readiness, "An engine is starting, recovering or failed."),
+            },
+            public=True,
+        ),
+    )
     async def readyz(
         self, host: NamedDependency[EngineHost], startup_error: NamedDependency[str | None]
     ) -> Response[bytes]:

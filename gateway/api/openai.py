@@ -19,9 +19,19 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.types import Send
 
+from gateway.api import openapi as docs
 from gateway.api._generation import Generation
 from gateway.api._render import Flavor
 from gateway.api._serve import CallResponse, api_error, outcome_of, send_error, send_json
+from gateway.api._shapes import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    CreateEmbeddingResponse,
+    Model,
+    ModelList,
+)
 from gateway.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -181,10 +191,49 @@ def _split_inputs(raw: TextOrTokens, param: str) -> list[str | list[int]]:
     )
 
 
+#: What a model call can answer besides its result.
+_MODEL_ERRORS = (400, 403, 404, 413, 429, 503)
+
+
 class OpenAIController(Controller):
     path = "/v1"
 
-    @post("/chat/completions", status_code=200)
+    @post(
+        "/chat/completions",
+        status_code=200,
+        operation_class=docs.operation(
+            "createChatCompletion",
+            "Create a model response for a chat conversation",
+            tag="OpenAI",
+            body=ChatCompletionRequest,
+            answers={
+                200: docs.json_or_stream(
+                    ChatCompletion, ChatCompletionChunk, "The completion, or its stream."
+                )
+            },
+            errors=_MODEL_ERRORS,
+            metered=True,
+            examples={
+                "chat": {
+                    "model": "demo-chat",
+                    "messages": [{"role": "user", "content": "Hello"}],
+                    "max_tokens": 16,
+                },
+                "stream": {
+                    "model": "demo-chat",
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+                    ],
+                    "n": 2,
+                    "logprobs": True,
+                    "top_logprobs": 2,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            },
+        ),
+    )
     async def chat_completions(
         self,
         request: Request[Any, Any, Any],
@@ -227,7 +276,33 @@ class OpenAIController(Controller):
             response_format=_response_format(req),
         )
 
-    @post("/completions", status_code=200)
+    @post(
+        "/completions",
+        status_code=200,
+        operation_class=docs.operation(
+            "createCompletion",
+            "Create a completion of a prompt",
+            tag="OpenAI",
+            body=CompletionRequest,
+            answers={
+                200: docs.json_or_stream(
+                    Completion, CompletionChunk, "The completion, or its stream."
+                )
+            },
+            errors=_MODEL_ERRORS,
+            metered=True,
+            examples={
+                "text": {"model": "demo-chat", "prompt": "Once upon a time", "logprobs": 2},
+                "stream": {
+                    "model": "demo-chat",
+                    "prompt": ["Once upon a time", "In a land"],
+                    "max_tokens": 8,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            },
+        ),
+    )
     async def completions(
         self,
         request: Request[Any, Any, Any],
@@ -320,7 +395,27 @@ class OpenAIController(Controller):
         )
         return CallResponse(call, answer)
 
-    @post("/embeddings", status_code=200)
+    @post(
+        "/embeddings",
+        status_code=200,
+        operation_class=docs.operation(
+            "createEmbedding",
+            "Create embedding vectors of the input",
+            tag="OpenAI",
+            body=EmbeddingRequest,
+            answers={200: docs.json(CreateEmbeddingResponse, "The embeddings.", **docs.COST)},
+            errors=_MODEL_ERRORS,
+            metered=True,
+            examples={
+                "text": {"model": "minilm", "input": "Hello"},
+                "base64": {
+                    "model": "minilm",
+                    "input": ["Hello", "World"],
+                    "encoding_format": "base64",
+                },
+            },
+        ),
+    )
     async def embeddings(
         self,
         request: Request[Any, Any, Any],
@@ -353,7 +448,15 @@ class OpenAIController(Controller):
         await _admit(request, services, call, sum(map(len, token_lists)), 0)
         return CallResponse(call, _Embeddings(call, engine, token_lists, req.encoding_format))
 
-    @get("/models")
+    @get(
+        "/models",
+        operation_class=docs.operation(
+            "listModels",
+            "List the models the key may use",
+            tag="OpenAI",
+            answers={200: docs.json(ModelList, "The models.")},
+        ),
+    )
     async def list_models(
         self, request: Request[Any, Any, Any], host: NamedDependency[EngineHost]
     ) -> Response[bytes]:
@@ -365,7 +468,17 @@ class OpenAIController(Controller):
         ]
         return _json({"object": "list", "data": cards})
 
-    @get("/models/{model_id:path}")
+    @get(
+        "/models/{model_id:path}",
+        operation_class=docs.operation(
+            "retrieveModel",
+            "Retrieve a model by name or alias",
+            tag="OpenAI",
+            answers={200: docs.json(Model, "The model.")},
+            errors=(404,),
+            params={"model_id": {"description": "A model's name or alias."}},
+        ),
+    )
     async def get_model(
         self,
         model_id: FromPath[str],
