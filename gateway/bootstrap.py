@@ -1,18 +1,29 @@
-"""First start of the embedded default: a ``demo`` tenant and key, and an admin token."""
+"""First start of the embedded default: a ``demo`` tenant and key, prices for the demo
+models, and an admin token."""
 
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
+from billing.ledger import Ledger
 from gateway.credentials import make_admin_token
 from gateway.db import AccountStore
 
-__all__ = ["DEMO_RPM", "bootstrap_demo", "local_admin_token"]
+__all__ = ["DEMO_PRICES", "DEMO_RPM", "bootstrap_demo", "local_admin_token", "seed_demo_prices"]
 
 #: The demo tenant's limits: generous for trying things out, finite so quotas show.
 DEMO_RPM = 600
 DEMO_TPM = 1_000_000
+#: USD per million tokens (input, cached input, output) of the demo models, so that the
+#: receipts a first run shows are real figures. Operators set their own with
+#: ``PUT /admin/v1/prices/{model}``.
+DEMO_PRICES = {
+    "demo-chat": (Decimal("0.15"), Decimal("0.075"), Decimal("0.60")),
+    "minilm": (Decimal("0.02"), Decimal("0.02"), Decimal("0")),
+}
 
 
 def _write_private(path: Path, value: str) -> None:
@@ -46,3 +57,24 @@ async def bootstrap_demo(accounts: AccountStore, secret: bytes, data_dir: Path) 
     _, key = await accounts.create_key(tenant.id, name="demo", secret=secret)
     _write_private(data_dir / "demo-key", key)
     return key
+
+
+async def seed_demo_prices(ledger: Ledger, models: set[str]) -> list[str]:
+    """Give each demo model in ``models`` its demo price, unless it has a price already.
+
+    Returns:
+        The models priced now.
+    """
+    priced = {price.model for price in await ledger.prices()}
+    seeded = []
+    for model, (uncached, cached, output) in DEMO_PRICES.items():
+        if model in models and model not in priced:
+            await ledger.set_price(
+                model,
+                input_per_mtok=uncached,
+                cached_input_per_mtok=cached,
+                output_per_mtok=output,
+                effective_from=datetime(2026, 1, 1, tzinfo=UTC),
+            )
+            seeded.append(model)
+    return seeded

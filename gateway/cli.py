@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -16,20 +19,60 @@ __all__ = ["main"]
 logger = logging.getLogger("tollgate")
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, stream: TextIO | None = None) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        stream=stream or sys.stderr,
     )
+
+
+def _console_and_engine_log(path: Path | None) -> TextIO:
+    """Keep the console for Tollgate, and send everything else to the engines' log.
+
+    The engine processes (and the libraries under them) write to this process's standard
+    output and error, which they inherit: those move to ``path``, appended to. Tollgate's
+    own log and messages keep a copy of the original standard error: the console.
+    """
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    if path is None:
+        return console
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return console
+
+
+class _ProgressLines:
+    """One console line per engine per phase of its start-up, with the seconds since launch."""
+
+    def __init__(self, console: TextIO) -> None:
+        self._console = console
+        self._began = time.monotonic()
+        self._lock = threading.Lock()
+        self._width = 0
+
+    def widen(self, names: list[str]) -> None:
+        self._width = max((len(n) for n in names), default=0)
+
+    def __call__(self, model: str, phase: str) -> None:
+        elapsed = time.monotonic() - self._began
+        with self._lock:
+            print(f"  {model:<{self._width}}  {phase:<9} {elapsed:6.1f} s", file=self._console)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.credentials import check_admin_token
     from gateway.settings import Settings, SettingsError
-    from serving import CatalogError
+    from serving import CatalogError, EngineHost, load_catalog
+    from serving.progress import EngineLogWatcher
 
     try:
         settings = Settings.from_env(
@@ -38,25 +81,52 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    engine_log = settings.engine_log_path
+    console = _console_and_engine_log(engine_log)
+    _setup_logging(settings.log_level, console)
+    if engine_log is not None:
+        # vLLM's own log lines belong with the rest of the engines' output.
+        engines = logging.getLogger("vllm")
+        engines.propagate = False
+        engines.addHandler(logging.StreamHandler(sys.stderr))
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.demo and settings.auth:
-        settings = _demo(settings)
+        settings = _demo(settings, console)
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
+    progress = _ProgressLines(console)
+    watcher: EngineLogWatcher | None = None
 
     def on_ready() -> None:
-        print(f"Tollgate is ready on http://{settings.host}:{settings.port}/v1", flush=True)
+        if watcher is not None:
+            watcher.stop()
+        print(f"Tollgate is ready on http://{settings.host}:{settings.port}/v1", file=console)
 
     def on_failure(exc: BaseException) -> None:
+        if watcher is not None:
+            watcher.stop()
+        if engine_log is not None:
+            print(f"tollgate: the engines' own output is in {engine_log}", file=console)
         failed.append(exc)
         if server is not None:
             server.should_exit = True
 
     try:
-        app = create_app(settings, on_ready=on_ready, on_startup_failure=on_failure)
+        if settings.auth:  # refused before anything else is looked at
+            check_admin_token(settings.admin_token)
+        catalog = load_catalog(settings.models_path, settings.data_path)
+        host = EngineHost(catalog, ready_wait_s=settings.engine_wait_s, progress=progress)
+        app = create_app(settings, host=host, on_ready=on_ready, on_startup_failure=on_failure)
     except (CatalogError, SettingsError) as exc:
-        print(f"tollgate: {exc}", file=sys.stderr)
+        print(f"tollgate: {exc}", file=console)
         return 2
+    progress.widen([spec.name for spec in catalog])
+    if engine_log is not None:
+        print(f"Starting {len(catalog)} model(s); engine output: {engine_log}", file=console)
+        watcher = EngineLogWatcher(
+            engine_log, {spec.resolved_source: spec.name for spec in catalog}, progress
+        )
+        watcher.start()
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -74,36 +144,48 @@ def _serve(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _demo(settings: Settings) -> Settings:
-    """Local runs: an admin token kept under the data dir, and a demo tenant and key."""
+def _demo(settings: Settings, console: TextIO | None = None) -> Settings:
+    """Local runs: an admin token kept under the data dir, a demo tenant and key, and prices
+    for the demo models."""
     import asyncio
 
     import msgspec
 
-    from gateway.bootstrap import bootstrap_demo, local_admin_token
+    from billing.ledger import Ledger
+    from gateway.bootstrap import bootstrap_demo, local_admin_token, seed_demo_prices
     from gateway.credentials import load_secret
     from gateway.db import AccountStore, make_engine, upgrade
+    from serving import load_catalog
 
+    out = console or sys.stdout
     if not settings.admin_token:
         settings = msgspec.structs.replace(
             settings, admin_token=local_admin_token(settings.data_path)
         )
-        print(f"Admin token: in {settings.data_path / 'admin-token'}", flush=True)
+        print(f"Admin token: in {settings.data_path / 'admin-token'}", file=out, flush=True)
     upgrade(settings.database)
+    try:
+        models = {spec.name for spec in load_catalog(settings.models_path, settings.data_path)}
+    except ValueError:  # the catalog is wrong: serve says so with the entry named
+        models = set()
 
-    async def run() -> str | None:
-        accounts = AccountStore(make_engine(settings.database))
+    async def run() -> tuple[str | None, list[str]]:
+        engine = make_engine(settings.database)
+        accounts = AccountStore(engine)
         try:
-            return await bootstrap_demo(accounts, load_secret(settings), settings.data_path)
+            created = await bootstrap_demo(accounts, load_secret(settings), settings.data_path)
+            return created, await seed_demo_prices(Ledger(engine), models)
         finally:
             await accounts.close()
 
-    created = asyncio.run(run())
+    created, priced = asyncio.run(run())
     key_file = settings.data_path / "demo-key"
     if created is not None:
-        print(f"Created tenant `demo` with API key: {created}", flush=True)
+        print(f"Created tenant `demo` with API key: {created}", file=out, flush=True)
     elif key_file.exists():
-        print(f"Demo API key: {key_file.read_text().strip()}", flush=True)
+        print(f"Demo API key: {key_file.read_text().strip()}", file=out, flush=True)
+    if priced:
+        print(f"Demo prices set for {', '.join(sorted(priced))}", file=out, flush=True)
     return settings
 
 

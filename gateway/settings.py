@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     migrate: bool = True
     #: How long a request waits for an engine that is restarting before it gets 503.
     engine_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    #: Where ``tollgate serve`` sends the engines' own output (``-``: leave it on the
+    #: console); unset: ``logs/engines.log`` under the data dir.
+    engine_log: str | None = None
 
     def __repr__(self) -> str:
         shown = {
@@ -95,6 +98,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.data_path / 'tollgate.db'}"
+
+    @property
+    def engine_log_path(self) -> Path | None:
+        if self.engine_log == "-":
+            return None
+        return Path(self.engine_log) if self.engine_log else self.data_path / "logs" / "engines.log"
 
     @property
     def models_path(self) -> Path:

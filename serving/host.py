@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from serving.catalog import Catalog, ModelSpec
 from serving.engine import EmbeddingEngine, EngineStats, GenerationEngine, ModelEngine
+from serving.progress import Progress
 
 __all__ = ["EngineHost", "make_engine", "settle_process"]
 
@@ -53,14 +54,23 @@ class EngineHost:
     Args:
         catalog: The models to serve.
         ready_wait_s: How long a request waits for an engine that is restarting.
+        progress: Told ``(model, phase)`` as each engine starts: ``starting``, ``ready``
+            (or ``failed``).
     """
 
-    def __init__(self, catalog: Catalog, *, ready_wait_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        ready_wait_s: float = 10.0,
+        progress: Progress | None = None,
+    ) -> None:
         # Weights come from disk, never from the network, unless the operator says otherwise.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from serving.vllm_engine import configure_cpu_binding
 
         self.catalog = catalog
+        self.progress = progress
         # Nothing to split the cores for without engines (and no thread to pin).
         self._cpus = cpus = configure_cpu_binding() if catalog.models else None
         self._started = False
@@ -101,8 +111,17 @@ class EngineHost:
 
     async def _start_one(self, engine: ModelEngine) -> None:
         began = time.perf_counter()
-        await engine.start()
-        logger.info("engine %s ready in %.1f s", engine.name, time.perf_counter() - began)
+        if self.progress is not None:
+            self.progress(engine.name, "starting")
+        try:
+            await engine.start()
+        except BaseException:
+            if self.progress is not None:
+                self.progress(engine.name, "failed")
+            raise
+        if self.progress is not None:
+            self.progress(engine.name, "ready")
+        logger.debug("engine %s ready in %.1f s", engine.name, time.perf_counter() - began)
 
     async def shutdown(self) -> None:
         await asyncio.gather(

@@ -81,6 +81,8 @@ class Gateway:
     base_url: str
     log_path: Path
     process: subprocess.Popen[bytes]
+    #: Its data directory (the engines' own output is in ``logs/`` there).
+    data_dir: Path
 
     @property
     def api_url(self) -> str:
@@ -142,6 +144,10 @@ def deployment(
             "TOLLGATE_DATABASE_URL": database_url,
             "TOLLGATE_ADMIN_TOKEN": admin_token,
             "TOLLGATE_SECRET": secrets.token_urlsafe(32),
+            # Redis shares two cores with up to three gateways, their engines and the
+            # clients: under a burst it can be slow to answer for a moment, which the
+            # default 150 ms would take for an outage (and rate limits would fail open).
+            "TOLLGATE_QUOTA_TIMEOUT_MS": "300",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.url,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
             "OTEL_BSP_SCHEDULE_DELAY": "200",
@@ -165,7 +171,8 @@ def start_gateway(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    gw = Gateway(f"http://127.0.0.1:{port}", log_path, process)
+    env = {**deployment.env, **extra_env}
+    gw = Gateway(f"http://127.0.0.1:{port}", log_path, process, Path(env["TOLLGATE_DATA_DIR"]))
     deployment.gateways.append(gw)
     return gw
 

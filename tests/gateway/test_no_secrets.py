@@ -37,7 +37,11 @@ def test_secrets_stay_out_of_logs_spans_and_errors(
     assert deployment.error_bodies
     haystacks: dict[str, bytes] = {}
     for gw in deployment.gateways:
-        haystacks[f"log {gw.log_path.name}"] = gw.log_path.read_bytes()
+        haystacks[f"log {gw.log_path}"] = gw.log_path.read_bytes()
+        # The engines' own output goes to a file of its own under the data directory.
+        for engine_log in sorted(gw.data_dir.glob("logs/*.log")):
+            haystacks[f"engine log {engine_log}"] = engine_log.read_bytes()
+    assert any(name.startswith("engine log") for name in haystacks)
     for kind in ("traces", "metrics"):
         for i, body in enumerate(otlp_collector.bodies(kind)):
             haystacks[f"{kind} export {i}"] = body
