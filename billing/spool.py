@@ -12,7 +12,8 @@ share one file (replicas on one data directory): SQLite serialises their writes,
 replayed is applied at most once by its store (the ledger ignores an event id it holds, the
 quota store a settled request id), so two replayers do no harm.
 
-The calls block on the disk; call them from a worker thread on an event loop.
+The calls block on the disk (each one a transaction synced to it, rollback journal); call
+them from a worker thread on an event loop.
 
 Exceptions: `SpoolError` (also an `OSError`) when the file cannot be written or read; its
 message names the path and the error, nothing else.
@@ -20,9 +21,10 @@ message names the path and the error, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["Spool", "SpoolError"]
@@ -45,6 +47,9 @@ class SpoolError(OSError):
 class Spool:
     """Records kept on local disk until a store takes them.
 
+    The file is opened for each call and closed after it: calls are rare (an outage), and
+    nothing is held open that a failing disk could wedge.
+
     Args:
         path: The SQLite file; made (with its folder) when missing.
     """
@@ -52,22 +57,23 @@ class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
 
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is None:
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                connection = sqlite3.connect(
-                    self.path, isolation_level=None, check_same_thread=False, timeout=5.0
-                )
-                connection.execute("PRAGMA journal_mode = WAL")
-                connection.execute("PRAGMA synchronous = FULL")
-                connection.execute(_SCHEMA)
+                connection = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             except (sqlite3.Error, OSError) as exc:
                 raise self._error(exc) from exc
-            self._connection = connection
-        return self._connection
+            try:
+                connection.execute("PRAGMA synchronous = FULL")
+                connection.execute(_SCHEMA)
+                yield connection
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            finally:
+                connection.close()
 
     def _error(self, exc: BaseException) -> SpoolError:
         return SpoolError(f"usage spool {self.path}: {type(exc).__name__}: {exc}")
@@ -78,14 +84,11 @@ class Spool:
         Raises:
             SpoolError: it could not be written.
         """
-        with self._lock:
-            try:
-                self._connect().execute(
-                    "INSERT OR REPLACE INTO spool (kind, key, payload) VALUES (?, ?, ?)",
-                    (kind, key, payload),
-                )
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO spool (kind, key, payload) VALUES (?, ?, ?)",
+                (kind, key, payload),
+            )
 
     def take(self, kind: str, limit: int = 500) -> list[tuple[str, bytes]]:
         """Up to ``limit`` records of ``kind``, oldest first; they stay until `remove`.
@@ -93,16 +96,12 @@ class Spool:
         Raises:
             SpoolError: the file could not be read.
         """
-        with self._lock:
-            try:
-                rows = self._connect().execute(
-                    "SELECT key, payload FROM spool WHERE kind = ? ORDER BY created_at, key "
-                    "LIMIT ?",
-                    (kind, limit),
-                )
-                return [(str(key), bytes(payload)) for key, payload in rows]
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key, payload FROM spool WHERE kind = ? ORDER BY created_at, key LIMIT ?",
+                (kind, limit),
+            ).fetchall()
+        return [(str(key), bytes(payload)) for key, payload in rows]
 
     def remove(self, kind: str, keys: Iterable[str]) -> None:
         """Forget records a store has taken.
@@ -111,39 +110,24 @@ class Spool:
             SpoolError: the file could not be written.
         """
         batch = [(kind, key) for key in keys]
-        if not batch:
-            return
-        with self._lock:
-            try:
-                self._connect().executemany("DELETE FROM spool WHERE kind = ? AND key = ?", batch)
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
+        if batch:
+            with self._connect() as db:
+                db.executemany("DELETE FROM spool WHERE kind = ? AND key = ?", batch)
 
     def count(self, kind: str | None = None) -> int:
-        """How many records are kept (of ``kind``, or of every kind).
+        """How many records are kept (of ``kind``, or of every kind); 0 without a file.
 
         Raises:
             SpoolError: the file could not be read.
         """
         if not self.path.exists():
             return 0
-        with self._lock:
-            try:
-                if kind is None:
-                    row = self._connect().execute("SELECT count(*) FROM spool").fetchone()
-                else:
-                    row = (
-                        self._connect()
-                        .execute("SELECT count(*) FROM spool WHERE kind = ?", (kind,))
-                        .fetchone()
-                    )
-            except sqlite3.Error as exc:
-                raise self._error(exc) from exc
+        with self._connect() as db:
+            if kind is None:
+                row = db.execute("SELECT count(*) FROM spool").fetchone()
+            else:
+                row = db.execute("SELECT count(*) FROM spool WHERE kind = ?", (kind,)).fetchone()
         return int(row[0])
 
     def close(self) -> None:
-        """Close the file (a later call opens it again)."""
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+        """Nothing is held open between calls; kept for symmetry with the stores."""

@@ -22,6 +22,8 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from serving.catalog import ModelSpec
 from serving.engine import (
     ChoiceDelta,
@@ -441,11 +443,21 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
         self.check_prompt(prompt, options.max_tokens)
+        copies = 1
+        if options.n > 1 and options.temperature is not None and options.temperature < 1e-5:
+            # Greedy choices are all the same, and vLLM refuses n > 1 for them: run one
+            # sequence and hand it out n times (its tokens count once: the engine's work).
+            copies, options = options.n, msgspec.structs.replace(options, n=1)
         params = self._sampling_params(options, stream=stream)
-        return self._run(prompt, params, request_id, options.logprobs)
+        return self._run(prompt, params, request_id, options.logprobs, copies)
 
     async def _run(
-        self, prompt: list[int], params: Any, request_id: str, logprobs: int | None
+        self,
+        prompt: list[int],
+        params: Any,
+        request_id: str,
+        logprobs: int | None,
+        copies: int = 1,
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.inputs import TokensPrompt
 
@@ -453,8 +465,14 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         results = llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
         try:
             async for out in results:
+                choices = [_choice(c, logprobs) for c in out.outputs]
+                if copies > 1:
+                    choices += [
+                        msgspec.structs.replace(choices[0], index=i, num_tokens=0)
+                        for i in range(1, copies)
+                    ]
                 yield GenerationChunk(
-                    choices=[_choice(c, logprobs) for c in out.outputs],
+                    choices=choices,
                     prompt_tokens=len(prompt),
                     cached_tokens=out.num_cached_tokens or 0,
                     finished=out.finished,

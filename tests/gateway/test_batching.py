@@ -14,26 +14,40 @@ MODEL = "demo-chat"
 
 
 async def test_concurrent_requests_are_batched(
-    aclient: openai.AsyncOpenAI, http: httpx.Client
+    aclient: openai.AsyncOpenAI, gateway: Gateway, http: httpx.Client
 ) -> None:
     before = wait_idle(http, MODEL)
+    running: list[int] = []
+    sampling = True
+
+    async def sample() -> None:
+        # What vLLM's scheduler reports running in its latest step, while the 32 run.
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as probe:
+            while sampling:
+                body = (await probe.get("/readyz")).json()
+                running.append(int(body["models"][MODEL]["running"]))
+                await asyncio.sleep(0.01)
 
     async def one(i: int) -> int:
         reply = await aclient.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"request number {i}"}],
-            max_tokens=64,
+            max_tokens=256,
             extra_body={"ignore_eos": True},
         )
         assert reply.usage is not None
         return reply.usage.completion_tokens
 
-    tokens = await asyncio.gather(*(one(i) for i in range(32)))
-    assert tokens == [64] * 32
+    sampler = asyncio.create_task(sample())
+    try:
+        tokens = await asyncio.gather(*(one(i) for i in range(32)))
+    finally:
+        sampling = False
+        await sampler
+    assert tokens == [256] * 32
     after = wait_idle(http, MODEL)
-    # vLLM's scheduler reported more than one sequence running in the same step.
-    assert after["peak_running"] > 1
-    assert after["peak_running"] >= min(before["peak_running"], 32)
+    # vLLM's scheduler ran most of the 32 sequences in the same steps, not one by one.
+    assert max(running) >= 16, running
     assert after["requests_finished"] - before["requests_finished"] == 32
 
 

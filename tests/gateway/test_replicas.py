@@ -37,6 +37,7 @@ def replicas(
 
 
 def finished(gw: Gateway) -> int:
+    """The requests the replica's own engine has finished (its scheduler's count)."""
     return int(
         httpx.get(gw.base_url + "/readyz").json()["models"]["demo-chat"]["requests_finished"]
     )
@@ -45,7 +46,7 @@ def finished(gw: Gateway) -> int:
 async def test_rpm_is_exact_across_three_replicas(replicas: list[Gateway], admin: Admin) -> None:
     tenant = admin.tenant("three-replicas", rpm=100)
     key = admin.key(tenant)
-    before = sum(finished(gw) for gw in replicas)
+    before = [finished(gw) for gw in replicas]
     targets = itertools.cycle(replicas)
     clients = [
         httpx.AsyncClient(
@@ -67,14 +68,25 @@ async def test_rpm_is_exact_across_three_replicas(replicas: list[Gateway], admin
             await c.aclose()
     statuses = Counter(a.status_code for a in answers)
     assert statuses == {200: 100, 429: 900}, statuses
+    # Each admission counted down one shared counter: the 100 answers that got through say
+    # 99, 98, ..., 0 requests remain, each once (replicas counting apart would repeat them).
+    remaining = sorted(
+        int(a.headers["x-ratelimit-remaining-requests"]) for a in answers if a.status_code == 200
+    )
+    assert remaining == list(range(100))
     for refused in (a for a in answers if a.status_code == 429):
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
-    # Every replica took part, and the engines saw exactly the admitted requests.
-    assert len({str(a.request.url.host) + str(a.request.url.port) for a in answers}) == 3
+    # Every replica refused some (each had more than 100 sent to it, and each refusal came
+    # from the shared counter), and the replicas' engines ran exactly the admitted ones.
+    by_replica = Counter(
+        (str(a.request.url.port), a.status_code) for a in answers if a.status_code == 429
+    )
+    assert len(by_replica) == 3, by_replica
     deadline = asyncio.get_running_loop().time() + 30
-    while sum(finished(gw) for gw in replicas) - before < 100:
+    while sum(finished(gw) for gw in replicas) - sum(before) < 100:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.2)
     await asyncio.sleep(1.0)
-    assert sum(finished(gw) for gw in replicas) - before == 100
+    ran = [finished(gw) - b for gw, b in zip(replicas, before, strict=True)]
+    assert sum(ran) == 100, ran

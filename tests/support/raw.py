@@ -9,13 +9,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 
-def request_bytes(base_url: str, path: str, body: dict[str, Any], key: str) -> bytes:
-    """A complete POST of ``body`` as JSON, with ``key`` as the bearer token."""
+def request_bytes(
+    base_url: str, path: str, body: dict[str, Any], key: str, *, close: bool = False
+) -> bytes:
+    """A complete POST of ``body`` as JSON, with ``key`` as the bearer token.
+
+    With ``close`` the server is asked to close the connection after its answer (so the
+    answer ends where the bytes do).
+    """
     host = urlsplit(base_url).netloc
     payload = json.dumps(body).encode()
+    connection = "connection: close\r\n" if close else ""
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {key}\r\ncontent-length: {len(payload)}\r\n\r\n"
+        f"authorization: Bearer {key}\r\n{connection}content-length: {len(payload)}\r\n\r\n"
     )
     return head.encode() + payload
 
@@ -59,3 +66,28 @@ def close_after(base_url: str, path: str, body: dict[str, Any], key: str, marker
         return read_until(sock, marker)
     finally:
         sock.close()
+
+
+def read_all(sock: socket.socket, limit: int = 16 << 20) -> bytes:
+    """Read until the peer closes."""
+    data = b""
+    while len(data) < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def head_of(data: bytes) -> tuple[int | None, dict[str, str]]:
+    """The status code and the headers of a raw answer (``None`` before they arrived)."""
+    head, found, _ = data.partition(b"\r\n\r\n")
+    if not found:
+        return None, {}
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
