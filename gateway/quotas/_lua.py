@@ -3,8 +3,12 @@
 Key layout, every key of a partition under the hash tag ``{partition}`` so that one script
 touches one cluster slot (``S`` is a scope's base key, ``tg:q:{ten_1}:key:key_9``)::
 
-    S:rpm                 hash  second -> requests admitted in that second
-    S:tpm                 hash  second -> tokens reserved (then settled) in that second
+    S:rpm                 hash  second -> requests admitted in that second, and two more
+                                fields: sum (of every bucket present) and old (the oldest
+                                bucket's second), so that an admission reads two fields, not
+                                the whole window, until the oldest bucket leaves it
+    S:tpm                 hash  second -> tokens reserved (then settled) in that second; sum,
+                                old as above
     S:lease               zset  request id scored by its lease expiry (ms); members stay
                                 RECORD_MARGIN_MS past it to count open reservations
     S:day:YYYY-MM-DD      int   tokens of that UTC day
@@ -74,23 +78,57 @@ local function periods(now)
     (days + 1) * DAY_MS - now, days_from_civil(ny, nm, 1) * DAY_MS - now
 end
 
--- The total of a bucket hash from second lo on, and its non-empty buckets oldest first;
--- with purge, fields older than lo are deleted.
-local function read_window(key, lo, purge)
+-- The total of a bucket hash from second lo on, and its non-empty buckets oldest first
+-- (the sum and old fields are no buckets).
+local function read_window(key, lo)
   local raw = redis.call('HGETALL', key)
-  local total, live, old = 0, {}, {}
+  local total, live = 0, {}
   for i = 1, #raw, 2 do
     local sec, value = tonumber(raw[i]), tonumber(raw[i + 1])
-    if sec < lo then
-      old[#old + 1] = raw[i]
-    else
+    if sec ~= nil and sec >= lo then
       total = total + value
       if value > 0 then live[#live + 1] = {sec, value} end
     end
   end
-  if purge and #old > 0 then redis.call('HDEL', key, unpack(old)) end
   table.sort(live, function(a, b) return a[1] < b[1] end)
   return total, live
+end
+
+-- The total of a bucket hash from second lo on, and its oldest bucket's second (nil when
+-- empty), from its sum and old fields; once the oldest bucket has left the window (about
+-- once a second under load), the expired buckets are deleted and both fields made again.
+local function window_total(key, lo)
+  local meta = redis.call('HMGET', key, 'sum', 'old')
+  local sum, old = tonumber(meta[1]), tonumber(meta[2])
+  if sum ~= nil and (old == nil or old >= lo) then return sum, old end
+  local raw = redis.call('HGETALL', key)
+  local total, oldest, expired = 0, nil, {}
+  for i = 1, #raw, 2 do
+    local sec = tonumber(raw[i])
+    if sec ~= nil then
+      if sec < lo then
+        expired[#expired + 1] = raw[i]
+      else
+        total = total + tonumber(raw[i + 1])
+        if oldest == nil or sec < oldest then oldest = sec end
+      end
+    end
+  end
+  if #expired > 0 then redis.call('HDEL', key, unpack(expired)) end
+  if oldest == nil then
+    redis.call('HDEL', key, 'old')
+    if #raw > 0 then redis.call('HSET', key, 'sum', '0') end
+  else
+    redis.call('HSET', key, 'sum', int(total), 'old', int(oldest))
+  end
+  return total, oldest
+end
+
+-- Add delta to bucket sec of a bucket hash (and to its sum; sec becomes old if none is).
+local function add_bucket(key, sec, delta)
+  redis.call('HINCRBY', key, int(sec), int(delta))
+  redis.call('HINCRBY', key, 'sum', int(delta))
+  redis.call('HSETNX', key, 'old', int(sec))
 end
 
 -- ms until `need` units have left the window, or the whole window if they never can.
@@ -147,8 +185,8 @@ for i = 2, #KEYS do
     monthly = tonumber(ARGV[a + 5]),
     spend_limit = tonumber(ARGV[a + 6]),
   }
-  s.req, s.req_live = read_window(k .. ':rpm', lo, true)
-  s.tok, s.tok_live = read_window(k .. ':tpm', lo, true)
+  s.req, s.req_old = window_total(k .. ':rpm', lo)
+  s.tok, s.tok_old = window_total(k .. ':tpm', lo)
   redis.call('ZREMRANGEBYSCORE', k .. ':lease', '-inf', int(now - margin_ms))
   s.live = redis.call('ZCOUNT', k .. ':lease', '(' .. int(now), '+inf')
   s.day_tokens = tonumber(redis.call('GET', k .. ':day:' .. day)) or 0
@@ -175,11 +213,13 @@ local function refusal(s, dim)
     end
   elseif dim == 5 then
     if s.rpm >= 0 and s.req + 1 > s.rpm then
-      return free_after(s.req_live, s.req + 1 - s.rpm, window, now)
+      local _, live = read_window(s.key .. ':rpm', lo)
+      return free_after(live, s.req + 1 - s.rpm, window, now)
     end
   elseif s.tpm >= 0 and s.tok + tokens > s.tpm then
     if tokens > s.tpm then return window * 1000 end
-    return free_after(s.tok_live, s.tok + tokens - s.tpm, window, now)
+    local _, live = read_window(s.key .. ':tpm', lo)
+    return free_after(live, s.tok + tokens - s.tpm, window, now)
   end
   return nil
 end
@@ -207,9 +247,9 @@ if admitted == 1 then
   local hold_ms = lease_ms + margin_ms
   for i, s in ipairs(scopes) do
     local k = s.key
-    redis.call('HINCRBY', k .. ':rpm', int(sec), '1')
+    add_bucket(k .. ':rpm', sec, 1)
     redis.call('PEXPIRE', k .. ':rpm', window_ttl)
-    redis.call('HINCRBY', k .. ':tpm', int(sec), int(tokens))
+    add_bucket(k .. ':tpm', sec, tokens)
     redis.call('PEXPIRE', k .. ':tpm', window_ttl)
     redis.call('ZADD', k .. ':lease', int(now + lease_ms), rid)
     if redis.call('PTTL', k .. ':lease') < hold_ms then
@@ -226,7 +266,7 @@ if admitted == 1 then
 end
 
 -- Header figures from the scope with the least left of a limit (after this request).
-local function headers(limit, used, live, take)
+local function headers(limit, used, oldest_of, take)
   local best, best_limit, best_left = nil, -1, -1
   for _, s in ipairs(scopes) do
     if s[limit] >= 0 then
@@ -236,19 +276,15 @@ local function headers(limit, used, live, take)
     end
   end
   if best == nil then return -1, -1, -1 end
-  local oldest = nil
-  if #best[live] > 0 then
-    oldest = best[live][1][1]
-  elseif take > 0 then
-    oldest = sec
-  end
+  local oldest = best[oldest_of]
+  if oldest == nil and take > 0 then oldest = sec end
   local reset = 0
   if oldest then reset = (oldest + window) * 1000 - now end
   return best_limit, best_left, reset
 end
 
-local req_limit, req_left, req_reset = headers('rpm', 'req', 'req_live', admitted)
-local tok_limit, tok_left, tok_reset = headers('tpm', 'tok', 'tok_live', admitted * tokens)
+local req_limit, req_left, req_reset = headers('rpm', 'req', 'req_old', admitted)
+local tok_limit, tok_left, tok_reset = headers('tpm', 'tok', 'tok_old', admitted * tokens)
 return {admitted, dim, idx, retry, req_limit, req_left, req_reset, tok_limit, tok_left,
   tok_reset}
 """
@@ -283,6 +319,7 @@ for i = 1, tonumber(f.n) do
   if token_delta ~= 0 then
     if in_window and redis.call('HEXISTS', k .. ':tpm', f.b) == 1 then
       redis.call('HINCRBY', k .. ':tpm', f.b, int(token_delta))
+      redis.call('HINCRBY', k .. ':tpm', 'sum', int(token_delta))
     end
     incr_existing(k .. ':day:' .. f.d, token_delta)
     incr_existing(k .. ':mtok:' .. f.m, token_delta)
@@ -305,8 +342,8 @@ local margin_ms = tonumber(ARGV[2])
 local now = now_ms()
 local lo = math.floor(now / 1000) - window + 1
 local day, month = periods(now)
-local requests = read_window(k .. ':rpm', lo, false)
-local tokens = read_window(k .. ':tpm', lo, false)
+local requests = read_window(k .. ':rpm', lo)
+local tokens = read_window(k .. ':tpm', lo)
 return {
   requests,
   tokens,

@@ -121,7 +121,8 @@ async def guarded(
 
     No short deadline per call: under a burst, replies wait behind other work on the event
     loop, and such a deadline would refuse healthy traffic. Whether the store answers is the
-    watchdog's to say, from a thread of its own.
+    watchdog's to say, from a thread of its own. The call runs in the caller's task (no task
+    of its own on the hot path); the watchdog's verdict cancels it there.
 
     Raises:
         NotSent: the store was already known to be down; the call was not made.
@@ -131,23 +132,28 @@ async def guarded(
     if watchdog is not None and not watchdog.up:
         call.close()
         raise NotSent("the store does not answer")
-    task = asyncio.get_running_loop().create_task(call)
-    waits: set[asyncio.Future[Any]] = {task}
-    if watchdog is not None:
-        waits.add(watchdog.down())
-    try:
-        await asyncio.wait(waits, timeout=hard_timeout_s, return_when="FIRST_COMPLETED")
-        if task.done():
-            return task.result()
-        raise TimeoutError
-    finally:
-        if not task.done():
+    if watchdog is None:
+        async with asyncio.timeout(hard_timeout_s):
+            return await call
+    task = asyncio.current_task()
+    assert task is not None  # a coroutine awaited on an event loop runs in a task
+    state = {"finished": False, "gave_up": False}
+
+    def give_up(_: asyncio.Future[None]) -> None:
+        # Scheduled when the store is found down; too late once the call is over.
+        if not state["finished"]:
+            state["gave_up"] = True
             task.cancel()
-            # The call may still end with its own error rather than the cancellation (the
-            # client turns it into a connection error): nobody waits for it any more.
-            task.add_done_callback(_retrieve)
 
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+    down = watchdog.down()
+    down.add_done_callback(give_up)
+    try:
+        async with asyncio.timeout(hard_timeout_s):
+            return await call
+    except asyncio.CancelledError:
+        if state["gave_up"] and task.uncancel() == 0:  # our cancellation, nobody else's
+            raise TimeoutError("the store went down while the call waited") from None
+        raise
+    finally:
+        state["finished"] = True
+        down.remove_done_callback(give_up)
