@@ -7,9 +7,10 @@ Where an event goes, in order, until one takes it::
            └─ the local spool (a SQLite file under the data directory, `billing.spool`)
                 └─ memory, retried until one of the above answers
 
-A request that ends with an answer has its event written before the answer's last byte
-leaves (`UsageRecorder.record` returns whether it was); one that ends otherwise has it
-written in the background (`UsageRecorder.record_later`). A background task replays what
+An event the ledger would refuse (a bug of its maker) goes to the ledger's dead letters
+instead, where operators see it. A request that ends with an answer has its event written
+before the answer's last byte leaves (`UsageRecorder.record` returns whether it was); one
+that ends otherwise has it written in the background (`UsageRecorder.record_later`). A background task replays what
 the spool (and memory) holds into the outbox as soon as it answers, at start-up too, so
 what an earlier process spooled is not forgotten. The flusher moves events from the outbox
 into the ledger; the ledger ignores a second copy of an id, so a replay counts once.
@@ -26,9 +27,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from billing.deadletter import Source, reject
 from billing.events import CacheTier, EventStatus, UsageEvent, decode_event, encode_event
 from billing.ledger import InvalidEvent, Ledger
-from billing.outbox import Outbox
+from billing.outbox import Outbox, RedisOutbox
 from billing.pricing import Price, PriceBook, rate
 from billing.spool import Spool
 from gateway.auth import Principal
@@ -40,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: The spool's kind for usage events.
 EVENT = "event"
-#: The spool's kind for events the ledger cannot store (kept for an operator, not replayed).
+#: The spool's kind for events the ledger cannot store and the dead letters could not take
+#: either (kept for an operator, not replayed).
 INVALID = "invalid-event"
 
 
@@ -163,9 +166,8 @@ class UsageRecorder:
         try:
             await self._append(event)
             return True
-        except InvalidEvent:
-            logger.exception("usage event %s cannot be stored; kept in the spool", event.id)
-            await self._to_spool(INVALID, event)
+        except InvalidEvent as exc:
+            await self._dead_letter(event, exc)
             return False
         except Exception as exc:
             logger.warning(
@@ -205,6 +207,17 @@ class UsageRecorder:
         except Exception:
             await self.fallback.append(event)
 
+    async def _dead_letter(self, event: UsageEvent, exc: InvalidEvent) -> None:
+        """An event the ledger would refuse (a bug of its maker): to the dead letters, where
+        operators see it, else to the spool; never dropped."""
+        logger.error("usage event %s cannot be stored (%s); dead-lettered", event.id, exc)
+        source: Source = "redis" if isinstance(self.outbox, RedisOutbox) else "sql"
+        try:
+            await self.ledger.dead_letter(source, [reject(encode_event(event), exc, event.id)])
+        except Exception:
+            logger.warning("could not dead-letter usage event %s; spooled", event.id)
+            await self._to_spool(INVALID, event)
+
     async def _to_spool(self, kind: str, event: UsageEvent) -> bool:
         if self.spool is None:
             return False
@@ -236,8 +249,8 @@ class UsageRecorder:
         for event_id, event in list(self._unwritten.items()):
             try:
                 await self._append(event)
-            except InvalidEvent:
-                await self._to_spool(INVALID, event)
+            except InvalidEvent as exc:
+                await self._dead_letter(event, exc)
             except Exception:
                 if not await self._to_spool(EVENT, event):
                     return moved
@@ -252,10 +265,11 @@ class UsageRecorder:
             done: list[str] = []
             try:
                 for key, payload in batch:
+                    event = decode_event(payload)
                     try:
-                        await self._append(decode_event(payload))
-                    except InvalidEvent:
-                        await self._to_spool(INVALID, decode_event(payload))
+                        await self._append(event)
+                    except InvalidEvent as exc:
+                        await self._dead_letter(event, exc)
                     done.append(key)
             except Exception:
                 return moved + len(done)

@@ -46,6 +46,42 @@ def test_spool_keeps_records_until_removed(tmp_path: Path) -> None:
         Spool(blocked).put("event", "req_c", b"x")
 
 
+async def test_an_event_the_ledger_would_refuse_is_dead_lettered_not_dropped(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    from billing.events import UsageEvent
+    from billing.ledger import Ledger
+    from billing.outbox import SqlOutbox
+    from gateway.db import make_engine, upgrade
+    from gateway.usage import UsageRecorder
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    ledger = Ledger(engine)
+    recorder = UsageRecorder(SqlOutbox(engine), ledger, spool=Spool(tmp_path / "spool.db"))
+    await recorder.start()
+    try:
+        bad = UsageEvent(
+            id="req_bad",
+            occurred_at=datetime.now(UTC),
+            tenant_id="ten_1",
+            key_id=None,
+            model="m" * 300,  # longer than the ledger stores
+            operation="chat",
+        )
+        assert await recorder.record(bad) is False  # no receipt for it
+        (letter,) = await ledger.dead_letters()
+        assert letter.event_id == "req_bad"
+        assert b"m" * 300 in letter.payload
+        assert "model" in letter.error
+    finally:
+        await recorder.close()
+        engine.dispose()
+
+
 @pytest.fixture
 def embedded(
     deployment: Deployment, data_dir: Path, tmp_path: Path
