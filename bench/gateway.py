@@ -1,44 +1,66 @@
-"""What keys and quotas add to a request, on the memory store and on Redis.
+"""What keys, quotas and billing add to a request, against vLLM's own OpenAI server.
 
-Two measurements, each printing medians and ratios taken in one run:
+Starts, on the same model (``demo-chat``, the same engine sizes):
 
-1. In process, the exact work a request does for them: authenticate the key (cached, as on
-   every request after the first second) and reserve in the quota store, timed per request;
-   then the settlement each request queues when it ends (off the answer's path, but on the
-   event loop). Accounts live in SQLite; Redis is ``TOLLGATE_REDIS_URL`` or a throwaway
-   ``redis-server``.
-2. Through the whole app: three gateway apps in one process on ONE shared demo-chat engine
-   (auth off; auth and quotas on the memory store; auth and quotas on Redis), called over
-   ASGI. Minimal completions (``max_tokens=1``) go to them in interleaved order, one at a time
-   (latency p50, p99, and the difference to auth off), then in concurrent rounds (requests
-   per second, median over rounds). Separate gateway processes would each need an engine,
-   and three engines on a small machine drown a sub-millisecond difference in their noise.
+- ``vllm``: vLLM's own server, ``python -m vllm.entrypoints.openai.api_server``;
+- ``tollgate``: ``tollgate serve`` on the embedded default (SQLite, the in-process quota
+  store), called with a tenant's key that has no limits (keys and billing on: every answer
+  writes its usage event before it ends);
+- ``tollgate-redis``: ``tollgate serve`` with quotas and the usage outbox on Redis, called
+  with a key whose tenant has limits (admission and settlement run Redis scripts; the
+  settlement and the usage event travel in one round trip);
+- ``tollgate-noauth``: ``tollgate serve`` with ``TOLLGATE_AUTH=false`` (the bare path).
 
-    .venv/bin/python bench/gateway.py [--requests 3000] [--app-requests 500] [--rounds 5]
+Then sends minimal completions (``max_tokens`` 1) one at a time, each server over its own
+keep-alive connection, in blocks of ``--block`` requests; each round visits the servers in a
+fresh random order, so that drift in the machine hits all of them alike. Prints per server
+p50, p90 and p99 latency, and what each Tollgate adds to vLLM's server: the difference of
+the p50s and of the p99s, and the median of the paired differences (the i-th request of a
+server against vLLM's i-th).
+
+The servers share the machine, so the run keeps them out of each other's way: vLLM binds
+its engine's OpenMP threads to cores, and both servers get the same core for them (the
+last one; ``VLLM_CPU_OMP_THREADS_BIND`` for vLLM's server, as Tollgate sets it for its own
+engines), so that no engine computes on the core the HTTP front ends run on. And vLLM's
+engine workers busy-wait (``sched_yield``) for a second after each step on its shared-memory
+queue: a block starts ``--pause`` seconds after the previous one, when the other servers'
+workers sleep again, and its first requests (the engine waking up) are not counted. Each
+server is then measured as it runs alone, the rest of the machine idle.
+
+    .venv/bin/python bench/gateway.py [--requests 2000] [--only vllm,tollgate]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import os
 import random
 import secrets
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import percentile, redis_url  # noqa: E402 (bench/ is the script's folder)
+from _common import free_port, percentile, redis_url  # noqa: E402 (bench/ is the script's folder)
 
-from tests.support.catalogs import CHAT_ONLY  # noqa: E402 (after the path is set)
+from serving.demo import prepare_demo_models  # noqa: E402 (after the path is set)
 
+MODEL = "demo-chat"
+MAX_MODEL_LEN = 512
+KV_CACHE_GB = 0.25
+BODY = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
 LIMITS = {
     "rpm": 10**9,
     "tpm": 10**12,
@@ -46,190 +68,232 @@ LIMITS = {
     "daily_tokens": 10**12,
     "monthly_tokens": 10**12,
 }
+START_TIMEOUT_S = 900
+#: Requests at the start of each block that are not counted (the engine waking up).
+BLOCK_WARMUP = 2
 
 
-def line(name: str, values_s: list[float], base_p50_s: float | None = None) -> float:
-    p50, p99 = percentile(values_s, 0.5) * 1e3, percentile(values_s, 0.99) * 1e3
-    extra = ""
-    if base_p50_s is not None:
-        extra = f"   added p50 {p50 - base_p50_s * 1e3:+.3f} ms"
-    print(f"  {name:<34} p50 {p50:8.3f} ms   p99 {p99:8.3f} ms{extra}")
-    return p50 / 1e3
+@dataclass
+class Server:
+    name: str
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    headers: dict[str, str] = field(default_factory=dict)
+    ready_path: str = "/readyz"
 
 
-# Part 1: in process
+def catalog(data_dir: Path) -> Path:
+    path = data_dir / "bench-models.toml"
+    path.write_text(
+        f"""
+[[models]]
+name = "{MODEL}"
+source = "{ROOT / ".tollgate" / "models" / MODEL}"
+kind = "chat"
+
+[models.engine]
+max_model_len = {MAX_MODEL_LEN}
+dtype = "float32"
+kv_cache_gb = {KV_CACHE_GB}
+max_num_seqs = 128
+"""
+    )
+    return path
 
 
-async def in_process(requests: int, url: str) -> None:
-    from gateway.admission import Admission
-    from gateway.auth import Authenticator
-    from gateway.db import AccountStore, make_engine, upgrade
-    from gateway.keys import generate_key
-    from gateway.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
-    from gateway.quotas.watchdog import StoreWatchdog
-    from gateway.telemetry import Telemetry
-
-    folder = Path(tempfile.mkdtemp())
-    database = f"sqlite:///{folder / 'bench.db'}"
-    upgrade(database)
-    accounts = AccountStore(make_engine(database))
-    secret = secrets.token_bytes(32)
-    tenant = await accounts.create_tenant("bench")
-    await accounts.set_quota(tenant.id, None, **LIMITS)
-    _, key = await accounts.create_key(tenant.id, name="bench", secret=secret)
-    header = f"Bearer {key}"
-    authenticator = Authenticator(accounts, secret=secret, admin_token=generate_key())
-    print(f"In process, {requests:,} requests each (auth cached, reserve; then settle):")
-    stores: list[tuple[str, QuotaStore]] = [
-        ("memory", MemoryQuotaStore()),
-        ("redis", RedisQuotaStore.from_url(url, timeout_s=1.0)),
+def start_vllm(folder: Path, engine_core: str) -> Server:
+    port = free_port()
+    log = folder / "vllm.log"
+    args = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(ROOT / ".tollgate" / "models" / MODEL),
+        "--served-model-name",
+        MODEL,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--dtype",
+        "float32",
+        "--kv-cache-memory-bytes",
+        str(int(KV_CACHE_GB * (1 << 30))),
+        "--max-num-seqs",
+        "128",
     ]
-    for name, store in stores:
-        watchdog = None
-        if isinstance(store, RedisQuotaStore):
-            watchdog = StoreWatchdog.for_redis(url, timeout_s=0.15)
-            watchdog.start()
-        admission = Admission(store, Telemetry(), fail_open=False, lease_s=900, watchdog=watchdog)
-        await authenticator.authenticate(header)  # warm the key cache, as in steady state
-        admit_s: list[float] = []
-        settle_s: list[float] = []
-        for i in range(requests):
-            began = time.perf_counter()
-            principal = await authenticator.authenticate(header)
-            ticket = await admission.admit(principal, f"req_{name}_{i}", "demo-chat", 20, 1)
-            admitted = time.perf_counter()
-            await admission.store.settle(ticket.partition, ticket.request_id, 21, 0)
-            admit_s.append(admitted - began)
-            settle_s.append(time.perf_counter() - admitted)
-        line(f"{name}: auth + reserve", admit_s)
-        line(f"{name}: settle", settle_s)
-        total = sum(admit_s) + sum(settle_s)
-        print(f"  {name}: {requests / total:,.0f} admissions and settlements a second")
-        await admission.close()
-    await accounts.close()
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-# Part 2: through the whole app
-
-
-async def through_the_app(url: str, requests: int, rounds: int, concurrency: int) -> None:
-    """Three apps on one shared engine, called in process over ASGI, in interleaved order.
-
-    One engine serves all three, so the engine's own time is the same for each and only
-    what the apps do differs; an in-process ASGI client leaves out the sockets and HTTP
-    parsing, which are the same for all three too.
-    """
-    import httpx
-
-    from gateway.app import create_app
-    from gateway.settings import Settings
-    from gateway.telemetry import Telemetry
-    from serving import EngineHost, load_catalog
-    from serving.demo import prepare_demo_models
-
-    data_root = ROOT / ".tollgate"
-    prepare_demo_models(data_root / "models")
-    catalog = Path(tempfile.mkdtemp()) / "chat-only.toml"
-    catalog.write_text(CHAT_ONLY)
-    host = EngineHost(load_catalog(catalog, data_root))
-    await host.start()
-
-    def settings(auth: bool, redis: str | None) -> Settings:
-        return Settings(
-            data_dir=tempfile.mkdtemp(),
-            auth=auth,
-            admin_token="tga_" + secrets.token_urlsafe(24) if auth else None,
-            redis_url=redis,
-            log_level="WARNING",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": engine_core}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    return Server("vllm", f"http://127.0.0.1:{port}", process, log, ready_path="/health")
 
-    configs = {
-        "auth off": settings(False, None),
-        "auth + quotas, memory store": settings(True, None),
-        "auth + quotas, redis store": settings(True, url),
+
+def start_tollgate(name: str, folder: Path, **env: str) -> tuple[Server, str]:
+    data = folder / name
+    data.mkdir()
+    (data / "models").symlink_to(ROOT / ".tollgate" / "models")
+    token = "tga_" + secrets.token_urlsafe(24)
+    port = free_port()
+    log = data / "gateway.log"
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("TOLLGATE_", "OTEL_"))},
+        "TOLLGATE_DATA_DIR": str(data),
+        "TOLLGATE_ADMIN_TOKEN": token,
+        "TOLLGATE_LOG_LEVEL": "WARNING",
+        **env,
     }
-    clients: dict[str, httpx.AsyncClient] = {}
-    async with contextlib.AsyncExitStack() as stack:
-        for name, config in configs.items():
-            app = create_app(config, host=host, telemetry=Telemetry(), own_engines=False)
-            await stack.enter_async_context(app.lifespan())  # on this loop, like the engine
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    transport=httpx.ASGITransport(app=app), base_url="http://app", timeout=120
-                )
-            )
-            if config.auth:
-                admin = {"authorization": f"Bearer {config.admin_token}"}
-                made = await client.post("/admin/v1/tenants", json={"name": "b"}, headers=admin)
-                tenant = made.json()["id"]
-                await client.put(f"/admin/v1/tenants/{tenant}/quota", json=LIMITS, headers=admin)
-                issued = await client.post(
-                    f"/admin/v1/tenants/{tenant}/keys", json={"name": "b"}, headers=admin
-                )
-                client.headers["authorization"] = f"Bearer {issued.json()['value']}"
-            clients[name] = client
-        names = list(configs)
+    args = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
+    args += ["--models", str(catalog(data))]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args,
+            env=full_env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Server(name, f"http://127.0.0.1:{port}", process, log), token
 
-        async def one(name: str) -> float:
-            began = time.perf_counter()
-            response = await clients[name].post("/v1/completions", json=BODY)
-            response.raise_for_status()
-            return time.perf_counter() - began
 
-        for name in names:  # warm-up: connections, key caches, the engine
-            for _ in range(20):
-                await one(name)
+def wait_ready(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if server.process.poll() is not None:
+            raise SystemExit(f"{server.name} exited:\n{server.log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(server.base_url + server.ready_path, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{server.name} not ready after {START_TIMEOUT_S} s")
+        time.sleep(0.5)
+
+
+def tenant_key(server: Server, token: str, limits: dict[str, int] | None) -> str:
+    with httpx.Client(
+        base_url=server.base_url + "/admin/v1",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
+    ) as admin:
+        tenant = admin.post("/tenants", json={"name": "bench"}).json()["id"]
+        if limits:
+            admin.put(f"/tenants/{tenant}/quota", json=limits).raise_for_status()
+        issued = admin.post(f"/tenants/{tenant}/keys", json={"name": "bench"})
+        issued.raise_for_status()
+        return str(issued.json()["value"])
+
+
+def stop(server: Server) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGTERM)
+    try:
+        server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
+@contextlib.contextmanager
+def servers(only: set[str]) -> Iterator[list[Server]]:
+    folder = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
+    cores = sorted(os.sched_getaffinity(0))
+    engine_core = str(cores[-1])
+    started: list[Server] = []
+    try:
+        with redis_url() as redis:
+            keys: dict[str, tuple[str, dict[str, int] | None]] = {}
+            if "tollgate" in only:
+                server, token = start_tollgate("tollgate", folder)
+                started.append(server)
+                keys[server.name] = (token, None)
+            if "tollgate-redis" in only:
+                server, token = start_tollgate("tollgate-redis", folder, TOLLGATE_REDIS_URL=redis)
+                started.append(server)
+                keys[server.name] = (token, LIMITS)
+            if "tollgate-noauth" in only:
+                server, _ = start_tollgate("tollgate-noauth", folder, TOLLGATE_AUTH="false")
+                started.append(server)
+            if "vllm" in only:
+                started.append(start_vllm(folder, engine_core))
+            for server in started:
+                wait_ready(server)
+                if server.name in keys:
+                    token, limits = keys[server.name]
+                    key = tenant_key(server, token, limits)
+                    server.headers = {"authorization": f"Bearer {key}"}
+            yield started
+    finally:
+        for server in started:
+            stop(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure(
+    started: list[Server], requests: int, warmup: int, block: int, pause_s: float
+) -> dict[str, list[float]]:
+    clients = {
+        s.name: httpx.Client(base_url=s.base_url, headers=s.headers, timeout=60) for s in started
+    }
+    try:
+        names = list(clients)
+        for _ in range(warmup):
+            for name in names:
+                clients[name].post("/v1/completions", json=BODY).raise_for_status()
         samples: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(requests):
+        while min(len(v) for v in samples.values()) < requests:
             random.shuffle(names)
             for name in names:
-                samples[name].append(await one(name))
-        names = list(configs)
-        print(f"Through the app, one at a time, {requests:,} requests each (interleaved):")
-        base = line(names[0], samples[names[0]])
-        for name in names[1:]:
-            line(name, samples[name], base)
-
-        per_round = concurrency * 8
-        rates: dict[str, list[float]] = {name: [] for name in names}
-        for _ in range(rounds):
-            random.shuffle(names)
-            for name in names:
-                began = time.perf_counter()
-                remaining = iter(range(per_round))
-
-                async def worker(name: str = name, remaining: Iterator[int] = remaining) -> None:
-                    for _ in remaining:
-                        await one(name)
-
-                await asyncio.gather(*(worker() for _ in range(concurrency)))
-                rates[name].append(per_round / (time.perf_counter() - began))
-        names = list(configs)
-        print(f"Through the app, {concurrency} concurrent, {per_round} a round, {rounds} rounds:")
-        first = statistics.median(rates[names[0]])
-        for name in names:
-            rps = statistics.median(rates[name])
-            each = ", ".join(f"{v:,.0f}" for v in rates[name])
-            print(f"  {name:<34} {rps:8,.0f} req/s (x{rps / first:.3f})   rounds: {each}")
-    await host.shutdown()
+                # vLLM's engine workers busy-wait for a second after each step: let the
+                # previous server's go idle, so it takes no core from this one.
+                time.sleep(pause_s)
+                for i in range(block + BLOCK_WARMUP):
+                    began = time.perf_counter()
+                    answer = clients[name].post("/v1/completions", json=BODY)
+                    elapsed = time.perf_counter() - began
+                    if answer.status_code != 200:
+                        raise SystemExit(f"{name} answered {answer.status_code}: {answer.text}")
+                    if i >= BLOCK_WARMUP:
+                        samples[name].append(elapsed)
+        return {name: values[:requests] for name, values in samples.items()}
+    finally:
+        for client in clients.values():
+            client.close()
 
 
-BODY = {"model": "demo-chat", "prompt": "hello", "max_tokens": 1}
+def report(samples: dict[str, list[float]]) -> None:
+    base = samples.get("vllm")
+    print(f"{len(next(iter(samples.values()))):,} requests each, one at a time, interleaved:")
+    print(f"  {'server':<16} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}   added to vllm")
+    for name, values in samples.items():
+        p50, p90, p99 = (percentile(values, q) * 1e3 for q in (0.5, 0.9, 0.99))
+        extra = ""
+        if base is not None and name != "vllm":
+            b50, b99 = percentile(base, 0.5) * 1e3, percentile(base, 0.99) * 1e3
+            paired = statistics.median(v - b for v, b in zip(values, base, strict=True)) * 1e3
+            extra = f"   p50 {p50 - b50:+.2f}  p99 {p99 - b99:+.2f}  paired median {paired:+.2f}"
+        print(f"  {name:<16} {p50:8.2f} {p90:8.2f} {p99:8.2f}{extra}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000, help="in-process requests")
-    parser.add_argument("--app-requests", type=int, default=500, help="requests each, in app")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--skip-app", action="store_true")
+    parser.add_argument("--requests", type=int, default=2000, help="requests to each server")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--block", type=int, default=100, help="requests per block")
+    parser.add_argument("--pause", type=float, default=1.5, help="seconds between blocks")
+    parser.add_argument(
+        "--only",
+        default="vllm,tollgate,tollgate-redis,tollgate-noauth",
+        help="servers to run, comma-separated",
+    )
     args = parser.parse_args()
-    with redis_url(db=1) as url:
-        asyncio.run(in_process(args.requests, url))
-        if not args.skip_app:
-            asyncio.run(through_the_app(url, args.app_requests, args.rounds, args.concurrency))
+    prepare_demo_models(ROOT / ".tollgate" / "models")
+    with servers(set(args.only.split(","))) as started:
+        samples = measure(started, args.requests, args.warmup, args.block, args.pause)
+    report(samples)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Streams through the gateway against the same streams straight at vLLM's AsyncLLM.
+"""Streams through the gateway against vLLM's own server and straight at vLLM's AsyncLLM.
 
-Drives N concurrent streams at the same prompts two ways: straight at an AsyncLLM engine in
-a child process, and over HTTP through a `tollgate serve` process; both engines start the
-same way. Rounds alternate between the two modes so that drift in the machine hits both
-alike. Prints output tokens/s (median over rounds), time to first token p50 and p99 (over
-all streams of all rounds), and the gateway/direct ratios.
+Drives N concurrent streams at the same prompts three ways: straight at an AsyncLLM engine
+in a child process (started as the gateway starts its engine), over HTTP through vLLM's own
+OpenAI server (``python -m vllm.entrypoints.openai.api_server``, its defaults), and over HTTP
+through a `tollgate serve` process; both HTTP modes are driven by curl. Rounds alternate
+between the modes so that drift in the machine hits all alike. Prints output tokens/s
+(median over rounds), time to first token p50 and p99 (over all streams of all rounds), and
+the gateway's ratios to vLLM's server and to the direct engine.
 
     .venv/bin/python bench/serving.py [--streams 64] [--max-tokens 256] [--rounds 10]
 """
@@ -213,7 +215,8 @@ class Gateway:
 
 
 CURL = shutil.which("curl") or "curl"
-USAGE = re.compile(rb'"usage":\{"prompt_tokens":\d+,"completion_tokens":(\d+)')
+#: The final usage chunk's output tokens (vLLM's server writes its fields in another order).
+USAGE = re.compile(rb'"usage":\{[^}]*"completion_tokens":(\d+)')
 
 
 def start_gateway(catalog: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -251,6 +254,38 @@ def start_gateway(catalog: Path, data_dir: Path) -> tuple[subprocess.Popen[bytes
         if time.monotonic() > deadline:
             proc.kill()
             raise SystemExit("gateway did not become ready")
+        time.sleep(0.5)
+
+
+def start_vllm_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """vLLM's own OpenAI server on the same model and engine sizes, as a user would start it
+    (its defaults otherwise); its engine computes on the same core as the gateway's."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cores = sorted(os.sched_getaffinity(0))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cores[-1])}
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    args += ["--model", str(data_dir / "models" / MODEL), "--served-model-name", MODEL]
+    args += ["--port", str(port), "--max-model-len", "2048", "--dtype", "float32"]
+    args += ["--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", "128"]
+    log = open(Path(tempfile.mkdtemp()) / "vllm.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"vLLM's server exited; see {log.name}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("vLLM's server did not become ready")
         time.sleep(0.5)
 
 
@@ -295,24 +330,34 @@ def main() -> None:
     )
     direct = Direct(catalog, args.data_dir, args.streams, args.max_tokens)
     proc, url = start_gateway(catalog, args.data_dir)
-    gateway = Gateway(url, args.streams, args.max_tokens)
-    direct_rounds: list[Round] = []
-    gateway_rounds: list[Round] = []
+    server, server_url = start_vllm_server(args.data_dir.resolve())
+    modes: dict[str, Direct | Gateway] = {
+        "direct": direct,
+        "vllm": Gateway(server_url, args.streams, args.max_tokens),
+        "gateway": Gateway(url, args.streams, args.max_tokens),
+    }
+    results: dict[str, list[Round]] = {name: [] for name in modes}
     try:
         for r in range(args.rounds + 1):
-            for mode, rounds in ((direct, direct_rounds), (gateway, gateway_rounds)):
+            for name, mode in modes.items():
                 result = mode.round()
-                if r:  # round 0 warms both up
-                    rounds.append(result)
+                if r:  # round 0 warms them up
+                    results[name].append(result)
                 # Let the idle engine stop busy-polling before the other one runs.
                 time.sleep(IDLE_S)
     finally:
         direct.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        for process in (proc, server):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
 
-    d_tps, d_p50, d_p99 = summary("direct", direct_rounds)
-    g_tps, g_p50, g_p99 = summary("gateway", gateway_rounds)
+    d_tps, d_p50, d_p99 = summary("direct", results["direct"])
+    v_tps, v_p50, v_p99 = summary("vllm", results["vllm"])
+    g_tps, g_p50, g_p99 = summary("gateway", results["gateway"])
+    print(
+        f"ratio    tokens/s gateway/vllm {g_tps / v_tps:.3f}   "
+        f"TTFT p50 {g_p50 - v_p50:+.1f} ms   p99 {g_p99 - v_p99:+.1f} ms (gateway - vllm)"
+    )
     print(
         f"ratio    tokens/s gateway/direct {g_tps / d_tps:.3f}   "
         f"TTFT p50 {g_p50 - d_p50:+.1f} ms   p99 {g_p99 - d_p99:+.1f} ms (gateway - direct)"
