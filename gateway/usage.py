@@ -10,10 +10,11 @@ Where an event goes, in order, until one takes it::
 An event the ledger would refuse (a bug of its maker) goes to the ledger's dead letters
 instead, where operators see it. A request that ends with an answer has its event written
 before the answer's last byte leaves (`UsageRecorder.record` returns whether it was); one
-that ends otherwise has it written in the background (`UsageRecorder.record_later`). A background task replays what
-the spool (and memory) holds into the outbox as soon as it answers, at start-up too, so
-what an earlier process spooled is not forgotten. The flusher moves events from the outbox
-into the ledger; the ledger ignores a second copy of an id, so a replay counts once.
+that ends otherwise has it written in the background (`UsageRecorder.record_later`). A
+background task replays what the spool (and memory) holds into the outbox as soon as it
+answers, at start-up too, so what an earlier process spooled is not forgotten. The flusher
+moves events from the outbox into the ledger; the ledger ignores a second copy of an id, so
+a replay counts once.
 """
 
 from __future__ import annotations
