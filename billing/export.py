@@ -129,6 +129,8 @@ _CLASS_WORDS = {
     TokenClass.INPUT: "input",
     TokenClass.CACHED_INPUT: "cached input",
     TokenClass.OUTPUT: "output",
+    TokenClass.RESPONSE_INPUT: "response-cache input",
+    TokenClass.RESPONSE_OUTPUT: "response-cache output",
 }
 _HOUR = timedelta(hours=1)
 
@@ -398,7 +400,7 @@ def _focus_rows(
 ) -> list[list[str]]:
     price = _event_price(event, prices)
     amounts = class_amounts(
-        price, event.prompt_tokens, event.cached_tokens, event.completion_tokens
+        price, event.prompt_tokens, event.cached_tokens, event.completion_tokens, event.cache_tier
     )
     with decimal.localcontext(EXACT_CONTEXT):
         total = sum(amounts.values(), Decimal(0))
@@ -419,7 +421,7 @@ def _focus_rows(
     tenant_name = tenant_names.get(event.tenant_id, event.tenant_id)
     rows: list[list[str]] = []
     for token_class, quantity in quantities(
-        event.prompt_tokens, event.cached_tokens, event.completion_tokens
+        event.prompt_tokens, event.cached_tokens, event.completion_tokens, event.cache_tier
     ).items():
         if quantity == 0:
             continue

@@ -39,6 +39,8 @@ _CLASS_WORDS = {
     TokenClass.INPUT: "input",
     TokenClass.CACHED_INPUT: "cached input",
     TokenClass.OUTPUT: "output",
+    TokenClass.RESPONSE_INPUT: "response-cache input",
+    TokenClass.RESPONSE_OUTPUT: "response-cache output",
 }
 
 

@@ -53,7 +53,15 @@ from billing.deadletter import (
 )
 from billing.events import UsageEvent
 from billing.invoices import InvoiceRow
-from billing.pricing import EXACT_CONTEXT, Price, PriceBook, TokenClass, class_amounts, quantities
+from billing.pricing import (
+    EXACT_CONTEXT,
+    Price,
+    PriceBook,
+    TokenClass,
+    class_amounts,
+    quantities,
+    sum_quantities,
+)
 from billing.tables import (
     COST_PLACES,
     COST_PRECISION,
@@ -87,13 +95,16 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 #: The longest value of each string column of ``usage_event``.
 _LENGTHS = {"id": 64, "tenant_id": 32, "key_id": 32, "model": 200, "operation": 32}
 _COUNTS = ("prompt_tokens", "cached_tokens", "completion_tokens")
+_RESPONSE_COUNTS = ("response_prompt_tokens", "response_completion_tokens")
 _CLASS_COSTS = {
     TokenClass.INPUT: "input_cost",
     TokenClass.CACHED_INPUT: "cached_input_cost",
     TokenClass.OUTPUT: "output_cost",
+    TokenClass.RESPONSE_INPUT: "response_input_cost",
+    TokenClass.RESPONSE_OUTPUT: "response_output_cost",
 }
 #: The rollup columns an upsert adds to, in the order `_roll_up` sums them.
-_SUMS = ("requests", *_COUNTS, *_CLASS_COSTS.values(), "cost_usd")
+_SUMS = ("requests", *_COUNTS, *_RESPONSE_COUNTS, *_CLASS_COSTS.values(), "cost_usd")
 _ROLLUP_KEY = ("tenant_id", "key_id", "model", "day", "price_id")
 _GROUP_COLUMNS = {"model": "model", "day": "day", "key": "key_id"}
 
@@ -263,7 +274,11 @@ class Ledger:
             for event in events:
                 version = None if event.price_id is None else prices.get(event.price_id)
                 amounts = class_amounts(
-                    version, event.prompt_tokens, event.cached_tokens, event.completion_tokens
+                    version,
+                    event.prompt_tokens,
+                    event.cached_tokens,
+                    event.completion_tokens,
+                    event.cache_tier,
                 )
                 if event.price_id is not None and version is None:
                     unknown.append(event.id)
@@ -278,15 +293,24 @@ class Ledger:
                 )
                 sums = groups.get(key)
                 if sums is None:
-                    sums = groups[key] = [0, 0, 0, 0, *(Decimal(0) for _ in range(4))]
+                    costs = len(_CLASS_COSTS) + 1
+                    sums = groups[key] = [0] * 6 + [Decimal(0)] * costs
+                counts = quantities(
+                    event.prompt_tokens,
+                    event.cached_tokens,
+                    event.completion_tokens,
+                    event.cache_tier,
+                )
                 sums[0] += 1
                 sums[1] += event.prompt_tokens
                 # Cached tokens are prompt tokens: any excess is no token of the request.
-                sums[2] += min(event.cached_tokens, event.prompt_tokens)
+                sums[2] += counts[TokenClass.CACHED_INPUT] + counts[TokenClass.RESPONSE_INPUT]
                 sums[3] += event.completion_tokens
-                for index, token_class in enumerate(_CLASS_COSTS, start=4):
+                sums[4] += counts[TokenClass.RESPONSE_INPUT]
+                sums[5] += counts[TokenClass.RESPONSE_OUTPUT]
+                for index, token_class in enumerate(_CLASS_COSTS, start=6):
                     sums[index] += amounts[token_class]
-                sums[7] += event.cost_usd
+                sums[-1] += event.cost_usd
         rows = [
             {
                 **dict(zip(_ROLLUP_KEY, key, strict=True)),
@@ -491,27 +515,26 @@ class Ledger:
         Raises:
             ValueError: a bound is not a day.
         """
-        sums = [usage_rollup.c[column] for column in _COUNTS]
+        sums = [usage_rollup.c[column] for column in (*_COUNTS, *_RESPONSE_COUNTS)]
         costs = [usage_rollup.c[column] for column in _CLASS_COSTS.values()]
+        units = [
+            price.c.input_per_mtok,
+            price.c.cached_input_per_mtok,
+            price.c.output_per_mtok,
+            price.c.response_input_per_mtok,
+            price.c.response_output_per_mtok,
+        ]
         query = (
             select(
                 usage_rollup.c.model,
                 usage_rollup.c.price_id,
-                price.c.input_per_mtok,
-                price.c.cached_input_per_mtok,
-                price.c.output_per_mtok,
+                *units,
                 *(func.sum(column) for column in sums),
                 *(ExactSum(column) for column in costs),
             )
             .select_from(usage_rollup.outerjoin(price, price.c.id == usage_rollup.c.price_id))
             .where(*_rollup_filter(tenant_id, start, end))
-            .group_by(
-                usage_rollup.c.model,
-                usage_rollup.c.price_id,
-                price.c.input_per_mtok,
-                price.c.cached_input_per_mtok,
-                price.c.output_per_mtok,
-            )
+            .group_by(usage_rollup.c.model, usage_rollup.c.price_id, *units)
             .order_by(usage_rollup.c.model, usage_rollup.c.price_id)
         )
 
@@ -519,8 +542,10 @@ class Ledger:
             rows = []
             for row in connection.execute(query):
                 model, price_id = row[0], row[1]
-                unit, (prompt, cached, completion), amounts = row[2:5], row[5:8], row[8:11]
-                counts = quantities(int(prompt), int(cached), int(completion))
+                unit, counted, amounts = list(row[2:7]), row[7:12], row[12:17]
+                if unit[3] is None:  # the response-cache input price defaults to cached input
+                    unit[3] = unit[1]
+                counts = sum_quantities(*(int(n) for n in counted))
                 for token_class, unit_price, amount in zip(
                     _CLASS_COSTS, unit, amounts, strict=True
                 ):
@@ -549,6 +574,9 @@ class Ledger:
         cached_input_per_mtok: Decimal,
         output_per_mtok: Decimal,
         effective_from: datetime,
+        *,
+        response_input_per_mtok: Decimal | None = None,
+        response_output_per_mtok: Decimal = Decimal(0),
     ) -> Price:
         """Adds a version of ``model``'s price, in USD per million tokens, from ``effective_from``.
 
@@ -569,15 +597,26 @@ class Ledger:
             cached_input_per_mtok=cached_input_per_mtok,
             output_per_mtok=output_per_mtok,
             effective_from=effective_from,
+            response_input_per_mtok=response_input_per_mtok,
+            response_output_per_mtok=response_output_per_mtok,
         )
-        for amount in (input_per_mtok, cached_input_per_mtok, output_per_mtok):
-            to_exact(amount, PRICE_PRECISION, PRICE_PLACES)
+        for amount in (
+            input_per_mtok,
+            cached_input_per_mtok,
+            output_per_mtok,
+            response_input_per_mtok,
+            response_output_per_mtok,
+        ):
+            if amount is not None:
+                to_exact(amount, PRICE_PRECISION, PRICE_PLACES)
         wanted = msgspec.structs.replace(checked, effective_from=effective_from.astimezone(UTC))
         values = {
             "model": model,
             "input_per_mtok": wanted.input_per_mtok,
             "cached_input_per_mtok": wanted.cached_input_per_mtok,
             "output_per_mtok": wanted.output_per_mtok,
+            "response_input_per_mtok": wanted.response_input_per_mtok,
+            "response_output_per_mtok": wanted.response_output_per_mtok,
             "effective_from": wanted.effective_from,
             "created_at": utcnow(),
         }
@@ -642,11 +681,16 @@ class Ledger:
 
 
 def _same_amounts(a: Price, b: Price) -> bool:
-    return (a.input_per_mtok, a.cached_input_per_mtok, a.output_per_mtok) == (
-        b.input_per_mtok,
-        b.cached_input_per_mtok,
-        b.output_per_mtok,
-    )
+    def amounts(p: Price) -> tuple[Decimal | None, ...]:
+        return (
+            p.input_per_mtok,
+            p.cached_input_per_mtok,
+            p.output_per_mtok,
+            p.response_input_per_mtok,
+            p.response_output_per_mtok,
+        )
+
+    return amounts(a) == amounts(b)
 
 
 def _event_filter(

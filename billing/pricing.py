@@ -1,8 +1,11 @@
 """The price book: versioned per-model token prices and exact rating of usage.
 
-Prices are USD per million tokens, split in three token classes (uncached prompt tokens,
-cached prompt tokens, output tokens); an embedding model prices its input tokens with
-``input_per_mtok``. A per-Mtok price has at most six decimals (a millionth of a dollar per
+Prices are USD per million tokens, split in five token classes: prompt tokens the engine
+computed, prompt tokens served from the prefix cache, output tokens, and the prompt and
+output tokens of an answer served whole from the response cache (a hit, or a request that
+shared another's generation); an embedding model prices its input tokens with
+``input_per_mtok``. The response-cache prices default to the cached input price and free
+output. A per-Mtok price has at most six decimals (a millionth of a dollar per
 million tokens), so every cost is an exact multiple of ``1e-12`` USD: costs are never
 rounded here, invoices round once per line item.
 
@@ -28,7 +31,7 @@ from decimal import Decimal
 
 import msgspec
 
-from billing.events import UsageEvent
+from billing.events import CacheTier, UsageEvent
 
 __all__ = [
     "EXACT_CONTEXT",
@@ -36,10 +39,12 @@ __all__ = [
     "Price",
     "PriceBook",
     "TokenClass",
+    "amounts_of",
     "class_amounts",
     "quantities",
     "rate",
     "rerate",
+    "sum_quantities",
     "to_nano_usd",
 ]
 
@@ -71,6 +76,10 @@ class TokenClass(enum.StrEnum):
     CACHED_INPUT = "cached_input"
     #: Generated tokens.
     OUTPUT = "output"
+    #: Prompt tokens of an answer served from the response cache.
+    RESPONSE_INPUT = "response_input"
+    #: Output tokens of an answer served from the response cache.
+    RESPONSE_OUTPUT = "response_output"
 
 
 class Price(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,6 +98,10 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
     output_per_mtok: Decimal
     #: First instant (inclusive) the version applies to; timezone-aware.
     effective_from: datetime
+    #: Prompt tokens of a response-cache answer; ``None``: the cached input price.
+    response_input_per_mtok: Decimal | None = None
+    #: Output tokens of a response-cache answer (free unless set).
+    response_output_per_mtok: Decimal = Decimal(0)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -97,6 +110,9 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("effective_from must be timezone-aware (UTC)")
         for name in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok"):
             _check_price(name, getattr(self, name))
+        if self.response_input_per_mtok is not None:
+            _check_price("response_input_per_mtok", self.response_input_per_mtok)
+        _check_price("response_output_per_mtok", self.response_output_per_mtok)
 
     def per_mtok(self, token_class: TokenClass) -> Decimal:
         """The USD price per million tokens of ``token_class``."""
@@ -104,6 +120,12 @@ class Price(msgspec.Struct, frozen=True, kw_only=True):
             return self.input_per_mtok
         if token_class is TokenClass.CACHED_INPUT:
             return self.cached_input_per_mtok
+        if token_class is TokenClass.RESPONSE_INPUT:
+            if self.response_input_per_mtok is None:
+                return self.cached_input_per_mtok
+            return self.response_input_per_mtok
+        if token_class is TokenClass.RESPONSE_OUTPUT:
+            return self.response_output_per_mtok
         return self.output_per_mtok
 
 
@@ -118,37 +140,85 @@ def _check_price(name: str, value: object) -> None:
 
 
 def quantities(
-    prompt_tokens: int, cached_tokens: int, completion_tokens: int
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    tier: CacheTier = CacheTier.NONE,
 ) -> dict[TokenClass, int]:
     """Split a request's token counts into billable quantities per class.
 
     Cached tokens are part of the prompt: ``input`` is ``prompt - cached`` and ``cached_input``
-    is ``cached``, both capped so that together they never exceed the prompt.
+    is ``cached``, both capped so that together they never exceed the prompt. An answer from
+    the response cache (``tier`` ``response``) puts its prompt and output tokens in the two
+    response classes instead.
 
     Raises:
         ValueError: a count is negative.
     """
-    if prompt_tokens < 0 or cached_tokens < 0 or completion_tokens < 0:
+    if tier is CacheTier.RESPONSE:
+        return sum_quantities(
+            prompt_tokens, prompt_tokens, completion_tokens, prompt_tokens, completion_tokens
+        )
+    return sum_quantities(prompt_tokens, cached_tokens, completion_tokens, 0, 0)
+
+
+def sum_quantities(
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    response_prompt_tokens: int,
+    response_completion_tokens: int,
+) -> dict[TokenClass, int]:
+    """Quantities per class of summed counts, where the response-cache answers' prompt tokens
+    are counted in both ``prompt_tokens`` and ``cached_tokens`` and their output tokens in
+    ``completion_tokens`` (as their events count them).
+
+    Raises:
+        ValueError: a count is negative.
+    """
+    counts = (
+        prompt_tokens,
+        cached_tokens,
+        completion_tokens,
+        response_prompt_tokens,
+        response_completion_tokens,
+    )
+    if min(counts) < 0:
         raise ValueError(
             f"token counts must be non-negative: prompt={prompt_tokens} "
-            f"cached={cached_tokens} completion={completion_tokens}"
+            f"cached={cached_tokens} completion={completion_tokens} "
+            f"response prompt={response_prompt_tokens} "
+            f"response completion={response_completion_tokens}"
         )
-    cached = min(cached_tokens, prompt_tokens)
+    response_prompt = min(response_prompt_tokens, prompt_tokens)
+    cached = max(min(cached_tokens, prompt_tokens) - response_prompt, 0)
+    response_completion = min(response_completion_tokens, completion_tokens)
     return {
-        TokenClass.INPUT: prompt_tokens - cached,
+        TokenClass.INPUT: prompt_tokens - response_prompt - cached,
         TokenClass.CACHED_INPUT: cached,
-        TokenClass.OUTPUT: completion_tokens,
+        TokenClass.OUTPUT: completion_tokens - response_completion,
+        TokenClass.RESPONSE_INPUT: response_prompt,
+        TokenClass.RESPONSE_OUTPUT: response_completion,
     }
 
 
 def class_amounts(
-    price: Price | None, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+    price: Price | None,
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    tier: CacheTier = CacheTier.NONE,
 ) -> dict[TokenClass, Decimal]:
     """The exact USD amount per token class (all zero when ``price`` is ``None``).
 
     The amounts add up to :func:`rate` of the same arguments exactly.
     """
-    counts = quantities(prompt_tokens, cached_tokens, completion_tokens)
+    counts = quantities(prompt_tokens, cached_tokens, completion_tokens, tier)
+    return amounts_of(price, counts)
+
+
+def amounts_of(price: Price | None, counts: Mapping[TokenClass, int]) -> dict[TokenClass, Decimal]:
+    """The exact USD amount of each class's quantity under ``price``."""
     if price is None:
         return {cls: Decimal(0) for cls in counts}
     with decimal.localcontext(EXACT_CONTEXT):
@@ -159,7 +229,11 @@ def class_amounts(
 
 
 def rate(
-    price: Price | None, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+    price: Price | None,
+    prompt_tokens: int,
+    cached_tokens: int,
+    completion_tokens: int,
+    tier: CacheTier = CacheTier.NONE,
 ) -> Decimal:
     """The exact USD cost of one request's tokens, never rounded; zero without a price.
 
@@ -168,11 +242,12 @@ def rate(
         prompt_tokens: Every prompt token, cached or not.
         cached_tokens: The prompt tokens served from the prefix cache.
         completion_tokens: Generated tokens (zero for embeddings).
+        tier: ``response`` for an answer served from the response cache.
 
     Raises:
         ValueError: a count is negative.
     """
-    amounts = class_amounts(price, prompt_tokens, cached_tokens, completion_tokens)
+    amounts = class_amounts(price, prompt_tokens, cached_tokens, completion_tokens, tier)
     with decimal.localcontext(EXACT_CONTEXT):
         return sum(amounts.values(), Decimal(0))
 
@@ -240,7 +315,9 @@ class PriceBook:
 def rerate(event: UsageEvent, book: PriceBook) -> UsageEvent:
     """The event priced again with the version in force at its ``occurred_at``."""
     price = book.price_at(event.model, event.occurred_at)
-    cost = rate(price, event.prompt_tokens, event.cached_tokens, event.completion_tokens)
+    cost = rate(
+        price, event.prompt_tokens, event.cached_tokens, event.completion_tokens, event.cache_tier
+    )
     return msgspec.structs.replace(
         event, cost_usd=cost, price_id=None if price is None else price.id
     )

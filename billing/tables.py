@@ -110,6 +110,9 @@ price = Table(
     Column("input_per_mtok", _price(), nullable=False),
     Column("cached_input_per_mtok", _price(), nullable=False),
     Column("output_per_mtok", _price(), nullable=False),
+    # An answer from the response cache: NULL input means the cached input price.
+    Column("response_input_per_mtok", _price(), nullable=True),
+    Column("response_output_per_mtok", _price(), nullable=False, server_default="0"),
     Column("effective_from", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     # Its index also serves lookups by model alone (the leading column).
@@ -157,6 +160,12 @@ usage_rollup = Table(
     Column("input_cost", _cost(), nullable=False),
     Column("cached_input_cost", _cost(), nullable=False),
     Column("output_cost", _cost(), nullable=False),
+    # Answers from the response cache: their tokens (also counted in the three counts above,
+    # prompt tokens as cached) and their costs.
+    Column("response_prompt_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("response_completion_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("response_input_cost", _cost(), nullable=False, server_default="0"),
+    Column("response_output_cost", _cost(), nullable=False, server_default="0"),
     Column("cost_usd", _cost(), nullable=False),
     PrimaryKeyConstraint("tenant_id", "key_id", "model", "day", "price_id"),
     # Reports over every tenant select by day alone.
@@ -336,4 +345,6 @@ def price_from_row(row: Any) -> Price:
         cached_input_per_mtok=row["cached_input_per_mtok"],
         output_per_mtok=row["output_per_mtok"],
         effective_from=row["effective_from"],
+        response_input_per_mtok=row["response_input_per_mtok"],
+        response_output_per_mtok=row["response_output_per_mtok"],
     )

@@ -135,10 +135,21 @@ class UsageRecorder:
         completion_tokens: int = 0,
         latency_s: float = 0.0,
         ttft_s: float | None = None,
+        from_response_cache: bool = False,
+        gpu_ms: float | None = None,
     ) -> UsageEvent:
-        """One request's event, priced at the version in effect now."""
+        """One request's event, priced at the version in effect now.
+
+        ``from_response_cache``: the answer came from the response cache (a hit, or another
+        request's generation shared), billed at the response-cache prices.
+        """
         now = datetime.now(UTC)
         price = self.price(model, now)
+        if from_response_cache:
+            tier = CacheTier.RESPONSE
+            cached_tokens = prompt_tokens
+        else:
+            tier = CacheTier.PREFIX if cached_tokens else CacheTier.NONE
         return UsageEvent(
             id=request_id,
             occurred_at=now,
@@ -149,11 +160,12 @@ class UsageRecorder:
             prompt_tokens=prompt_tokens,
             cached_tokens=cached_tokens,
             completion_tokens=completion_tokens,
-            cache_tier=CacheTier.PREFIX if cached_tokens else CacheTier.NONE,
+            cache_tier=tier,
             status=status,
             latency_ms=round(latency_s * 1000, 3),
             ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
-            cost_usd=rate(price, prompt_tokens, cached_tokens, completion_tokens),
+            gpu_ms=gpu_ms,
+            cost_usd=rate(price, prompt_tokens, cached_tokens, completion_tokens, tier),
             price_id=None if price is None else price.id,
         )
 

@@ -343,6 +343,8 @@ class Price(_Closed):
     input_per_mtok: Money
     cached_input_per_mtok: Money
     output_per_mtok: Money
+    response_input_per_mtok: Money
+    response_output_per_mtok: Money
     effective_from: datetime
 
 

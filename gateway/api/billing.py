@@ -22,6 +22,7 @@ from billing import export as exports
 from billing.deadletter import DeadLetter
 from billing.invoices import build_invoice, invoice_to_dict, period_bounds
 from billing.ledger import PriceConflict
+from billing.pricing import TokenClass
 from gateway.api import openapi as docs
 from gateway.api._generation import json_response
 from gateway.api._shapes import DeadLetterList, Invoice, PriceList, UsageReport
@@ -42,6 +43,10 @@ class PricePut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     input_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
     output_per_mtok: Decimal = Decimal(0)
+    #: Prompt tokens of an answer from the response cache; default the cached input price.
+    response_input_per_mtok: Decimal | None = None
+    #: Output tokens of an answer from the response cache; default free.
+    response_output_per_mtok: Decimal = Decimal(0)
     #: When this version starts (RFC 3339 with a zone, or unix seconds); default now.
     effective_from: datetime | int | None = None
 
@@ -54,6 +59,8 @@ def _price_body(price: Any) -> dict[str, Any]:
         "input_per_mtok": f"{price.input_per_mtok:f}",
         "cached_input_per_mtok": f"{price.cached_input_per_mtok:f}",
         "output_per_mtok": f"{price.output_per_mtok:f}",
+        "response_input_per_mtok": f"{price.per_mtok(TokenClass.RESPONSE_INPUT):f}",
+        "response_output_per_mtok": f"{price.response_output_per_mtok:f}",
         "effective_from": price.effective_from.isoformat(),
     }
 
@@ -176,6 +183,8 @@ class BillingController(Controller):
                 cached_input_per_mtok=body.input_per_mtok if cached is None else cached,
                 output_per_mtok=body.output_per_mtok,
                 effective_from=effective,
+                response_input_per_mtok=body.response_input_per_mtok,
+                response_output_per_mtok=body.response_output_per_mtok,
             )
         except PriceConflict as exc:
             raise Conflict(str(exc), param="effective_from") from None

@@ -123,9 +123,12 @@ class Events:
         when: datetime = T0,
         event_id: str | None = None,
         status: EventStatus = EventStatus.OK,
+        tier: CacheTier | None = None,
     ) -> UsageEvent:
         prompt, cached, completion = usage
         number = next(self.numbers)
+        if tier is None:
+            tier = CacheTier.PREFIX if cached else CacheTier.NONE
         return UsageEvent(
             id=event_id or f"req_{number:08d}",
             occurred_at=when,
@@ -136,12 +139,12 @@ class Events:
             prompt_tokens=prompt,
             cached_tokens=cached,
             completion_tokens=completion,
-            cache_tier=CacheTier.PREFIX if cached else CacheTier.NONE,
+            cache_tier=tier,
             status=status,
             latency_ms=12.5,
             ttft_ms=3.25,
             gpu_ms=None,
-            cost_usd=rate(price, prompt, cached, completion),
+            cost_usd=rate(price, prompt, cached, completion, tier),
             price_id=None if price is None else price.id,
         )
 

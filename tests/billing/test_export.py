@@ -98,6 +98,7 @@ def make_event(
         completion = 0 if model == "minilm" else (n * 104729) % 700
         usage = (prompt, (n * 31) % (prompt + 1), completion)
     version = BOOK.price_at(model, when)
+    tier = list(CacheTier)[n % len(CacheTier)]
     return UsageEvent(
         id=f"req-{n:06d}",
         occurred_at=when,
@@ -108,12 +109,12 @@ def make_event(
         prompt_tokens=usage[0],
         cached_tokens=usage[1],
         completion_tokens=usage[2],
-        cache_tier=list(CacheTier)[n % len(CacheTier)],
+        cache_tier=tier,
         status=list(EventStatus)[n % len(EventStatus)],
         latency_ms=12.5 + n / 3,
         ttft_ms=None if n % 2 else 3.25,
         gpu_ms=None if n % 3 else n * 0.1,
-        cost_usd=rate(version, *usage),
+        cost_usd=rate(version, *usage, tier),
         price_id=None if version is None else version.id,
     )
 
@@ -241,7 +242,9 @@ def test_focus_rows_are_charges_per_token_class() -> None:
     expected_rows = sum(
         1
         for e in items
-        for q in quantities(e.prompt_tokens, e.cached_tokens, e.completion_tokens).values()
+        for q in quantities(
+            e.prompt_tokens, e.cached_tokens, e.completion_tokens, e.cache_tier
+        ).values()
         if q
     )
     assert len(rows) == expected_rows
@@ -306,7 +309,7 @@ def test_focus_row_contents() -> None:
 
 
 def test_focus_without_a_price_bills_zero() -> None:
-    item = make_event(2, model="unpriced", usage=(10, 0, 5))
+    item = make_event(3, model="unpriced", usage=(10, 0, 5))
     assert item.price_id is None
     _, rows = read_csv(b"".join(run("focus", [item])))
     assert [

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Engine, func, inspect, select
 from sqlalchemy.orm import Session
 
-from billing.events import UsageEvent
+from billing.events import CacheTier, UsageEvent
 from billing.invoices import build_invoice
 from billing.ledger import InvalidEvent, Ledger, PriceConflict
 from billing.pricing import EXACT_CONTEXT, Price, TokenClass, class_amounts, quantities
@@ -60,7 +60,7 @@ def event_totals(events: list[UsageEvent], prices: dict[int, Price]) -> dict[str
 
 
 def test_migrations_reach_head_with_the_billing_tables(engine: Engine) -> None:
-    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0003"
+    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0004"
     assert BILLING_TABLES.issubset(inspect(engine).get_table_names())
 
 
@@ -187,11 +187,27 @@ async def test_invoice_rows_add_up_to_the_events(
     ledger: Ledger, events: Events, demo_price: Price
 ) -> None:
     later = await ledger.set_price(
-        "demo-chat", Decimal("1.000001"), Decimal("0.1"), Decimal("2"), T0 + timedelta(days=2)
+        "demo-chat",
+        Decimal("1.000001"),
+        Decimal("0.1"),
+        Decimal("2"),
+        T0 + timedelta(days=2),
+        response_input_per_mtok=Decimal("0.05"),
+        response_output_per_mtok=Decimal("0.3"),
     )
+    hit = CacheTier.RESPONSE
     batch = [
         *events.many(120, price=demo_price),
         *events.many(60, price=later, start=T0 + timedelta(days=2)),
+        # Answers from the response cache, at each version's response-cache prices.
+        events.make(price=demo_price, tenant_id="ten_1", usage=(90, 90, 30), tier=hit),
+        events.make(
+            price=later,
+            tenant_id="ten_1",
+            usage=(50, 50, 11),
+            tier=hit,
+            when=T0 + timedelta(days=3),
+        ),
         events.make(price=None, model="free", usage=(7, 0, 3)),
         # Another tenant's usage is not on this invoice.
         events.make(price=demo_price, tenant_id="ten_z"),
@@ -206,10 +222,9 @@ async def test_invoice_rows_add_up_to_the_events(
     versions = {demo_price.id: demo_price, later.id: later}
     for event in mine:
         version = None if event.price_id is None else versions[event.price_id]
-        counts = quantities(event.prompt_tokens, event.cached_tokens, event.completion_tokens)
-        amounts = class_amounts(
-            version, event.prompt_tokens, event.cached_tokens, event.completion_tokens
-        )
+        tokens = (event.prompt_tokens, event.cached_tokens, event.completion_tokens)
+        counts = quantities(*tokens, event.cache_tier)
+        amounts = class_amounts(version, *tokens, event.cache_tier)
         for cls in TokenClass:
             quantity[(event.model, event.price_id, cls)] += counts[cls]
             amount[(event.model, event.price_id, cls)] += amounts[cls]
@@ -224,6 +239,7 @@ async def test_invoice_rows_add_up_to_the_events(
     assert sum((row.amount for row in rows), Decimal(0)) == sum(
         (e.cost_usd for e in mine), Decimal(0)
     )
+    assert {row.token_class for row in rows} == set(TokenClass)
     invoice = build_invoice(tenant, "Tenant One", "2026-03", rows)
     assert invoice.exact_total_usd == sum((e.cost_usd for e in mine), Decimal(0))
     # The bounds period_bounds gives (UTC midnights) work as they are.

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing.events import UsageEvent, decode_event, encode_event
+from billing.events import CacheTier, UsageEvent, decode_event, encode_event
 from billing.pricing import (
     Price,
     PriceBook,
@@ -21,6 +21,7 @@ from billing.pricing import (
     quantities,
     rate,
     rerate,
+    sum_quantities,
     to_nano_usd,
 )
 
@@ -192,9 +193,10 @@ def test_embedding_input_uses_the_input_price() -> None:
 def test_quantities(
     prompt: int, cached: int, completion: int, expected: tuple[int, int, int]
 ) -> None:
-    assert quantities(prompt, cached, completion) == dict(
+    split = dict(
         zip((TokenClass.INPUT, TokenClass.CACHED_INPUT, TokenClass.OUTPUT), expected, strict=True)
     )
+    assert quantities(prompt, cached, completion) == {**dict.fromkeys(TokenClass, 0), **split}
 
 
 def test_negative_counts_are_refused() -> None:
@@ -267,3 +269,47 @@ def test_book_refuses_ambiguous_versions() -> None:
         PriceBook([price(1), price(1, effective_from=T0 + timedelta(days=1))])
     with pytest.raises(ValueError, match="take effect at"):
         PriceBook([price(1), price(2, output="0.9")])
+
+
+def test_response_cache_answers_default_to_cached_input_and_free_output() -> None:
+    p = price(input="2", cached="0.5", output="8")
+    # A hit's prompt is all response-cache input, its output free by default.
+    assert quantities(1000, 1000, 400, CacheTier.RESPONSE) == {
+        TokenClass.INPUT: 0,
+        TokenClass.CACHED_INPUT: 0,
+        TokenClass.OUTPUT: 0,
+        TokenClass.RESPONSE_INPUT: 1000,
+        TokenClass.RESPONSE_OUTPUT: 400,
+    }
+    assert rate(p, 1_000_000, 0, 1_000_000, CacheTier.RESPONSE) == Decimal("0.5")
+    assert rate(p, 1_000_000, 0, 1_000_000) == Decimal("10")
+    priced = msgspec.structs.replace(
+        p, response_input_per_mtok=Decimal("0.25"), response_output_per_mtok=Decimal("1")
+    )
+    assert rate(priced, 1_000_000, 0, 1_000_000, CacheTier.RESPONSE) == Decimal("1.25")
+    # A prefix-cache tier prices like no tier at all: the cached count says it.
+    assert rate(priced, 100, 40, 10, CacheTier.PREFIX) == rate(priced, 100, 40, 10)
+
+
+@given(usage=usages(), hit=usages())
+@PROPERTY
+def test_summed_counts_split_like_the_events(
+    usage: tuple[int, int, int], hit: tuple[int, int, int]
+) -> None:
+    """A rollup sums an ordinary event and a hit; its split equals the events' splits."""
+    (prompt, cached, completion), (hit_prompt, _, hit_completion) = usage, hit
+    one = quantities(prompt, cached, completion)
+    other = quantities(hit_prompt, hit_prompt, hit_completion, CacheTier.RESPONSE)
+    summed = sum_quantities(
+        prompt + hit_prompt,
+        cached + hit_prompt,
+        completion + hit_completion,
+        hit_prompt,
+        hit_completion,
+    )
+    assert summed == {cls: one[cls] + other[cls] for cls in TokenClass}
+
+
+def test_response_prices_are_checked() -> None:
+    with pytest.raises(ValueError, match="response_output_per_mtok"):
+        msgspec.structs.replace(price(), response_output_per_mtok=Decimal("-1"))
