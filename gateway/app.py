@@ -21,6 +21,7 @@ from gateway.admission import Admission
 from gateway.api import AdminController, BillingController, HealthController, OpenAIController
 from gateway.api.openapi import openapi_config
 from gateway.auth import Authenticator, AuthMiddleware
+from gateway.cache import CacheStore, MemoryCacheStore, RedisCacheStore, ResponseCache
 from gateway.calls import CallGuard, call_of
 from gateway.credentials import check_admin_token, load_secret
 from gateway.db import AccountStore, make_engine, upgrade
@@ -29,7 +30,7 @@ from gateway.middleware import add_request_id
 from gateway.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from gateway.quotas.watchdog import StoreWatchdog
 from gateway.services import Services
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.telemetry import Telemetry, setup_telemetry
 from gateway.usage import UsageRecorder
 from serving import EngineHost, load_catalog
@@ -68,6 +69,12 @@ def create_app(
             ready_wait_s=settings.engine_wait_s,
             progress=progress,
         )
+    shared_models = []
+    for name in filter(None, (n.strip() for n in settings.cache_shared_models.split(","))):
+        spec = host.catalog.get(name)
+        if spec is None:
+            raise SettingsError(f"TOLLGATE_CACHE_SHARED_MODELS names an unknown model: {name!r}")
+        shared_models.append(spec.name)
     telemetry = telemetry or setup_telemetry()
     startup: dict[str, str | None] = {"error": None}
     database = make_engine(settings.database)
@@ -138,6 +145,18 @@ def create_app(
             recorder=usage,
         )
         await admission.start()
+        max_bytes = int(settings.cache_max_mb * 1024 * 1024)
+        cache_store: CacheStore = (
+            RedisCacheStore.from_url(settings.redis_url, max_bytes)
+            if settings.redis_url
+            else MemoryCacheStore(max_bytes)
+        )
+        cache = ResponseCache(
+            cache_store,
+            ttl_s=settings.cache_ttl_s,
+            enabled=settings.cache,
+            shared_models=shared_models,
+        )
         telemetry.observe_engines(host.restarts)
         services_box["services"] = Services(
             settings=settings,
@@ -148,6 +167,7 @@ def create_app(
             authenticator=authenticator,
             secret=secret,
             usage=usage,
+            cache=cache,
         )
         # Several apps may share one host whose engines their caller runs (benchmarks).
         task = asyncio.create_task(host.start() if own_engines else asyncio.sleep(0))
@@ -159,6 +179,7 @@ def create_app(
             await asyncio.gather(task, return_exceptions=True)
             # Calls still running were closed when their tasks were cancelled: write their
             # events and settlements first (or spool them), then stop the engines.
+            await cache.close()
             await usage.close()
             await admission.close()
             if own_engines:

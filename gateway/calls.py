@@ -38,6 +38,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from billing.events import EventStatus, UsageEvent
 from gateway.admission import Ticket, unmetered
 from gateway.auth import Principal
+from gateway.cache.responses import CacheStatus
 from gateway.observe import Observation
 from gateway.telemetry import Telemetry
 from gateway.usage import UsageRecorder
@@ -86,6 +87,7 @@ class Call:
 
     __slots__ = (
         "_recorder",
+        "cache_status",
         "closed",
         "delivered",
         "event",
@@ -125,6 +127,8 @@ class Call:
         self.delivered = False
         self.finish_reasons: list[str] = []
         self.closed = False
+        #: How the answer relates to the response cache (``None``: not deterministic).
+        self.cache_status: CacheStatus | None = None
         self.outcome: Outcome | None = None
         self.event: UsageEvent | None = None
 
@@ -185,6 +189,7 @@ class Call:
                 ttft_s=None
                 if self.obs.first_token_at is None
                 else self.obs.first_token_at - self.started,
+                from_response_cache=self.cache_status in (CacheStatus.HIT, CacheStatus.SHARED),
             )
         if settle or event is None:
             spend = event.cost_usd if event is not None else Decimal(0)

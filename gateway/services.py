@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gateway.admission import Admission
 from gateway.auth import Authenticator
+from gateway.cache import ResponseCache
 from gateway.db import AccountStore
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry
@@ -29,6 +30,8 @@ class Services:
     secret: bytes
     #: Prices usage and appends its events to the outbox.
     usage: UsageRecorder
+    #: Answers of deterministic requests, and the generations in flight.
+    cache: ResponseCache
 
     def __repr__(self) -> str:
         return "Services()"

@@ -71,6 +71,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Where ``tollgate serve`` sends the engines' own output (``-``: leave it on the
     #: console); unset: ``logs/engines.log`` under the data dir.
     engine_log: str | None = None
+    #: The response cache and single flight of deterministic requests.
+    cache: bool = True
+    #: How long a cached answer serves hits.
+    cache_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    #: The most the cached answers take, in MiB (on Redis when ``redis_url`` is set).
+    cache_max_mb: Annotated[float, msgspec.Meta(gt=0)] = 256.0
+    #: Models whose cached answers are shared across tenants (comma-separated names); every
+    #: other model's are the tenant's own.
+    cache_shared_models: str = ""
 
     def __repr__(self) -> str:
         shown = {

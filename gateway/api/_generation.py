@@ -4,11 +4,15 @@ Runs as the body of a `CallResponse` (see `gateway.api._serve`). Every prompt of
 one engine request; they run as tasks of one task group, each owning (and, on any early end,
 closing, which aborts it in the engine) its own engine stream, so that a client who leaves,
 an engine that fails or a prompt that errs ends all of them together.
+
+A deterministic call with a cache key goes through the response cache first (see
+`gateway.cache.responses`): a hit replays a recording, a call whose key is being generated
+follows that generation, and a miss starts the generation that later callers follow. The
+answer is rendered the same way from whichever source.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -28,6 +32,7 @@ from gateway.api._render import (
     usage_body,
 )
 from gateway.api._serve import api_error, json_response, outcome_of, send_error, send_json
+from gateway.cache.responses import CacheMode, CacheStatus, ResponseCache, run_streams
 from gateway.calls import Call, Outcome
 from gateway.usage import cost_header
 from serving import GenerationChunk, GenerationEngine, SamplingOptions, ServingError
@@ -56,6 +61,9 @@ class Generation:
         call: The call this answer ends.
         stream: Answer as server-sent events.
         include_usage: Streams end with a usage chunk (``stream_options.include_usage``).
+        cache: The response cache, for a deterministic call; ``None`` bypasses it.
+        cache_key: The call's key in ``cache``.
+        cache_mode: What the client allows of the cache.
     """
 
     def __init__(
@@ -68,6 +76,9 @@ class Generation:
         call: Call,
         stream: bool,
         include_usage: bool,
+        cache: ResponseCache | None = None,
+        cache_key: str | None = None,
+        cache_mode: CacheMode = CacheMode.USE,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
@@ -81,6 +92,9 @@ class Generation:
         self.response_id = prefix + call.request_id.removeprefix("req_")
         self.object = "chat.completion" if flavor == "chat" else "text_completion"
         self._seen: set[int] = set()
+        self.cache = cache if cache_key is not None and cache_mode is not CacheMode.OFF else None
+        self.cache_key = cache_key
+        self.cache_mode = cache_mode
         self._event_parts: tuple[bytes, bytes, bytes] | None = None
         # Made now, so that a request the engine cannot take fails in the route; nothing
         # reaches the engine until a stream is first advanced.
@@ -106,47 +120,56 @@ class Generation:
         if p not in self._seen:  # the engine has worked on this prompt
             self._seen.add(p)
             usage.prompt_tokens += len(self.prompts[p])
-            usage.cached_tokens += chunk.cached_tokens
+            # An answer from the cache (or another call's generation) had its whole prompt
+            # served from cache.
+            from_cache = self.call.cache_status in (CacheStatus.HIT, CacheStatus.SHARED)
+            usage.cached_tokens += len(self.prompts[p]) if from_cache else chunk.cached_tokens
             self.call.obs.first_token()
         for choice in chunk.choices:
             usage.completion_tokens += choice.num_tokens
             if choice.finish_reason is not None:
                 self.call.finish_reasons.append(finish_reason(choice) or "stop")
 
+    def _headers(self) -> dict[str, str]:
+        status = self.call.cache_status
+        return {} if status is None else {"x-tollgate-cache": status.value}
+
     async def _pump(self, on_chunk: OnChunk) -> None:
-        """Run every prompt's engine stream, handing each chunk to ``on_chunk``.
+        """Hand every chunk of the answer to ``on_chunk``: from the engine, or the cache.
 
         Raises:
             ServingError: the first serving error of any prompt (the others are aborted).
         """
-        if len(self._streams) == 1:
-            async with contextlib.aclosing(self._streams[0]) as chunks:
-                async for chunk in chunks:
-                    await on_chunk(0, chunk)
+        cache, key = self.cache, self.cache_key
+        if cache is None or key is None:
+            if self.cache_key is not None:  # deterministic, but the client said no-store
+                self.call.cache_status = CacheStatus.BYPASS
+            await run_streams(self._streams, on_chunk)
             return
-        queue: asyncio.Queue[tuple[int, GenerationChunk] | None] = asyncio.Queue()
+        flight = None
+        if self.cache_mode is CacheMode.USE:
+            recording = await cache.lookup(key)
+            if recording is not None:
+                self._settle_source(cache, CacheStatus.HIT)
+                for p, chunk in recording.items:
+                    await on_chunk(p, chunk)
+                return
+            flight = cache.join(key)
+        if flight is not None:
+            self._settle_source(cache, CacheStatus.SHARED)
+        else:
+            self._settle_source(cache, CacheStatus.MISS)
+            flight = cache.start(key, self._streams, store=True)
+        self.call.obs.set(**{"tollgate.cache": self.call.cache_status})
+        async with contextlib.aclosing(flight.follow()) as items:
+            async for p, chunk in items:
+                await on_chunk(p, chunk)
 
-        async def feed(p: int, stream: AsyncGenerator[GenerationChunk, None]) -> None:
-            try:
-                async with contextlib.aclosing(stream) as chunks:
-                    async for chunk in chunks:
-                        queue.put_nowait((p, chunk))
-            finally:
-                queue.put_nowait(None)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for p, stream in enumerate(self._streams):
-                    group.create_task(feed(p, stream))
-                running = len(self._streams)
-                while running:
-                    item = await queue.get()
-                    if item is None:
-                        running -= 1
-                    else:
-                        await on_chunk(*item)
-        except* ServingError as failed:
-            raise failed.exceptions[0] from None
+    def _settle_source(self, cache: ResponseCache, status: CacheStatus) -> None:
+        self.call.cache_status = status
+        cache.count(status)
+        if status is not CacheStatus.MISS:
+            self._streams = []  # never started: nothing reached the engine
 
     # Non-streamed
 
@@ -175,7 +198,10 @@ class Generation:
             "usage": usage_body(self.call.usage),
             "system_fingerprint": None,
         }
-        await send_json(send, 200, _encode(body), cost_header(event) if event else None)
+        headers = self._headers()
+        if event:
+            headers.update(cost_header(event))
+        await send_json(send, 200, _encode(body), headers)
 
     # Streamed
 
@@ -186,7 +212,8 @@ class Generation:
         async def start() -> None:
             nonlocal started
             started = True
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            headers = _SSE_HEADERS + [(k.encode(), v.encode()) for k, v in self._headers().items()]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             call.delivered = True
 
         async def forward(p: int, chunk: GenerationChunk) -> None:

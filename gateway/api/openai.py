@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import array
 import base64
+import functools
+import hashlib
 import time
 from typing import Any
 
@@ -42,6 +44,7 @@ from gateway.api.schemas import (
     decode,
 )
 from gateway.auth import principal_of
+from gateway.cache.responses import CacheMode, deterministic
 from gateway.calls import Call
 from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.middleware import add_response_headers, request_id_of
@@ -53,6 +56,7 @@ from serving import (
     EngineHost,
     GenerationEngine,
     ModelEngine,
+    ModelSpec,
     ResponseFormat,
     SamplingOptions,
     ServingError,
@@ -369,6 +373,16 @@ class OpenAIController(Controller):
             min_p=req.min_p,
             repetition_penalty=req.repetition_penalty,
         )
+        cache, key, mode = services.cache, None, CacheMode.of(request.headers.get("cache-control"))
+        if cache.enabled and deterministic(options):
+            principal = principal_of(request.scope)
+            key = cache.key(
+                tenant=principal.tenant_id or "" if principal is not None else "",
+                model=engine.name,
+                model_digest=_digest(engine.spec),
+                prompts=prompts,
+                options=options,
+            )
         try:  # before admission: a bad request reserves nothing
             answer = Generation(
                 flavor=flavor,
@@ -378,6 +392,9 @@ class OpenAIController(Controller):
                 call=call,
                 stream=bool(req.stream),
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                cache=cache,
+                cache_key=key,
+                cache_mode=mode,
             )
         except ServingError as exc:
             raise api_error(exc) from exc
@@ -532,6 +549,13 @@ class _Embeddings:
 
 
 _CREATED = int(time.time())
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(spec: ModelSpec) -> str:
+    """A digest of a model's catalog entry: answers of a model reconfigured under the same
+    name are not those of the old one."""
+    return hashlib.blake2b(msgspec.json.encode(spec), digest_size=12).hexdigest()
 
 
 def _model_card(name: str) -> dict[str, Any]:
