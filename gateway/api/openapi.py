@@ -117,6 +117,14 @@ COST = _header(
     "What the call cost, in USD (non-streamed answers; a stream's is in its last chunk).",
     {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
 )
+CACHE = _header(
+    "x-tollgate-cache",
+    "How a deterministic request (temperature 0, or a seed) was answered: `miss` (the engine "
+    "generated it), `shared` (it followed an identical request's generation in progress), "
+    "`hit` (from the response cache), `bypass` (`Cache-Control: no-store`). Absent for "
+    "sampled requests.",
+    {"type": "string", "enum": ["hit", "miss", "shared", "bypass"]},
+)
 ATTACHMENT = _header(
     "content-disposition",
     "The file's name.",
@@ -199,7 +207,7 @@ def json_or_stream(answer: type[Any], chunk: type[Any], description: str) -> Ans
             "application/json": {"schema": _ref(answer)},
             "text/event-stream": {"schema": event},
         },
-        COST,
+        {**COST, **CACHE},
     )
 
 
