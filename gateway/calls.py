@@ -54,6 +54,8 @@ class Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    #: The engine's time for this call, in milliseconds (its share of the engine's steps).
+    gpu_ms: float = 0.0
 
 
 class Outcome(enum.StrEnum):
@@ -190,6 +192,7 @@ class Call:
                 if self.obs.first_token_at is None
                 else self.obs.first_token_at - self.started,
                 from_response_cache=self.cache_status in (CacheStatus.HIT, CacheStatus.SHARED),
+                gpu_ms=round(self.usage.gpu_ms, 3),
             )
         if settle or event is None:
             spend = event.cost_usd if event is not None else Decimal(0)

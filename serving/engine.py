@@ -136,6 +136,9 @@ class GenerationChunk(msgspec.Struct):
     prompt_tokens: int
     cached_tokens: int
     finished: bool
+    #: Engine milliseconds this request has had so far (its share of the engine's steps,
+    #: see `serving.metering`); ``None`` when the engine does not meter.
+    engine_ms: float | None = None
 
 
 class EmbeddingBatch(msgspec.Struct):
@@ -173,6 +176,8 @@ class EngineStats(msgspec.Struct):
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     requests_finished: int = 0
+    #: Milliseconds the engine has spent in steps since it (last) started.
+    busy_ms: float = 0.0
 
 
 class ModelEngine(abc.ABC):

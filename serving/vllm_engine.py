@@ -219,6 +219,14 @@ class _VllmEngine(ModelEngine):
                     "crashes the engine)"
                 )
             kwargs["enable_chunked_prefill"] = False
+        if self._runner == "generate":
+            # Engine time per request (serving.metering); GPUs schedule asynchronously.
+            sync = _on_cpu() or opts.extra.get("async_scheduling") is False
+            kwargs["scheduler_cls"] = (
+                "serving.metering.MeteredScheduler"
+                if sync
+                else "serving.metering.MeteredAsyncScheduler"
+            )
         kwargs.update(opts.extra)
         return AsyncEngineArgs(**kwargs)
 
@@ -461,10 +469,17 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.inputs import TokensPrompt
 
+        from serving.metering import BUSY_MS, ENGINE_MS
+
         llm = await self._engine()
         results = llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
+        stats = self._stats
         try:
             async for out in results:
+                engine_ms = None
+                if metered := out.kv_transfer_params:
+                    engine_ms = metered.get(ENGINE_MS)
+                    stats.busy_ms = metered.get(BUSY_MS, stats.busy_ms)
                 choices = [_choice(c, logprobs) for c in out.outputs]
                 if copies > 1:
                     choices += [
@@ -476,6 +491,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
                     prompt_tokens=len(prompt),
                     cached_tokens=out.num_cached_tokens or 0,
                     finished=out.finished,
+                    engine_ms=engine_ms,
                 )
         except Exception as exc:
             if llm.errored:

@@ -46,6 +46,9 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
+#: An answer that did not run on the engine.
+_FROM_CACHE = (CacheStatus.HIT, CacheStatus.SHARED)
+
 #: Called with (prompt index, chunk) for every engine chunk, in order of arrival.
 OnChunk = Callable[[int, GenerationChunk], Awaitable[None]]
 
@@ -92,6 +95,8 @@ class Generation:
         self.response_id = prefix + call.request_id.removeprefix("req_")
         self.object = "chat.completion" if flavor == "chat" else "text_completion"
         self._seen: set[int] = set()
+        #: Engine milliseconds of each prompt's request so far.
+        self._engine_ms: dict[int, float] = {}
         self.cache = cache if cache_key is not None and cache_mode is not CacheMode.OFF else None
         self.cache_key = cache_key
         self.cache_mode = cache_mode
@@ -122,9 +127,12 @@ class Generation:
             usage.prompt_tokens += len(self.prompts[p])
             # An answer from the cache (or another call's generation) had its whole prompt
             # served from cache.
-            from_cache = self.call.cache_status in (CacheStatus.HIT, CacheStatus.SHARED)
+            from_cache = self.call.cache_status in _FROM_CACHE
             usage.cached_tokens += len(self.prompts[p]) if from_cache else chunk.cached_tokens
             self.call.obs.first_token()
+        if chunk.engine_ms is not None and self.call.cache_status not in _FROM_CACHE:
+            self._engine_ms[p] = chunk.engine_ms
+            usage.gpu_ms = sum(self._engine_ms.values())
         for choice in chunk.choices:
             usage.completion_tokens += choice.num_tokens
             if choice.finish_reason is not None:
@@ -199,6 +207,7 @@ class Generation:
             "system_fingerprint": None,
         }
         headers = self._headers()
+        headers["x-tollgate-gpu-ms"] = f"{self.call.usage.gpu_ms:.3f}"
         if event:
             headers.update(cost_header(event))
         await send_json(send, 200, _encode(body), headers)

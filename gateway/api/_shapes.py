@@ -91,6 +91,9 @@ class CompletionUsage(_Closed):
     total_tokens: Count
     prompt_tokens_details: PromptTokensDetails
     completion_tokens_details: CompletionTokensDetails
+    #: Engine milliseconds the answer took: its share of the engine's steps (device time;
+    #: CPU time on a CPU engine). Zero for an answer from the response cache.
+    gpu_ms: Annotated[float, Meta(ge=0)]
 
 
 class StreamUsage(CompletionUsage):
@@ -379,7 +382,7 @@ class UsageReport(_Closed):
 
 class InvoiceLine(_Closed):
     model: str
-    token_class: Literal["input", "cached_input", "output"]
+    token_class: Literal["input", "cached_input", "output", "response_input", "response_output"]
     description: str
     unit_price_per_mtok: Money
     quantity: Count

@@ -125,6 +125,13 @@ CACHE = _header(
     "sampled requests.",
     {"type": "string", "enum": ["hit", "miss", "shared", "bypass"]},
 )
+GPU_MS = _header(
+    "x-tollgate-gpu-ms",
+    "Engine milliseconds the answer took (non-streamed answers; a stream's is in its usage "
+    "chunk): its share of each engine step it was scheduled in, by weighted tokens. Zero "
+    "for an answer from the response cache.",
+    {"type": "string", "pattern": r"^[0-9]+\.[0-9]{3}$"},
+)
 ATTACHMENT = _header(
     "content-disposition",
     "The file's name.",
@@ -207,7 +214,7 @@ def json_or_stream(answer: type[Any], chunk: type[Any], description: str) -> Ans
             "application/json": {"schema": _ref(answer)},
             "text/event-stream": {"schema": event},
         },
-        {**COST, **CACHE},
+        {**COST, **CACHE, **GPU_MS},
     )
 
 

@@ -19,18 +19,29 @@ from tests.support.catalogs import CHAT_ONLY
 def replicas(
     gateway: Gateway, deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Gateway]]:
-    """The session's gateway plus two more replicas serving demo-chat."""
+    """Three replicas serving demo-chat.
+
+    Three engines and three gateways on two cores can starve Redis of the CPU for longer than
+    the deployment's quota timeout (vLLM's engine workers busy-wait after each step), which
+    the replicas would take for an outage and fail open: these allow Redis 3 s.
+    """
     folder = tmp_path_factory.mktemp("replicas")
     catalog = folder / "chat-only.toml"
     catalog.write_text(CHAT_ONLY)
     extra = [
-        start_gateway(deployment, folder / f"replica-{i}.log", "--models", str(catalog))
-        for i in range(2)
+        start_gateway(
+            deployment,
+            folder / f"replica-{i}.log",
+            "--models",
+            str(catalog),
+            TOLLGATE_QUOTA_TIMEOUT_MS="3000",
+        )
+        for i in range(3)
     ]
     try:
         for gw in extra:
             wait_ready(gw)
-        yield [gateway, *extra]
+        yield extra
     finally:
         for gw in extra:
             stop_gateway(gw)

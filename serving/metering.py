@@ -1,0 +1,183 @@
+"""Engine time per request: each engine step's duration, divided among its requests.
+
+vLLM's engine core runs steps: schedule, execute the model, process its output. The
+scheduler here (``SchedulerConfig.scheduler_cls``, loaded by name in the engine-core process)
+times every step, from the start of ``schedule`` to the end of ``update_from_output``, and
+splits its duration among the requests scheduled in it, in proportion to their weighted
+tokens::
+
+    share(r) = duration * w(r) / sum(w)     w(r) = PREFILL * prefill tokens + DECODE * decode tokens
+
+Steps never overlap in time here: with async scheduling (GPUs) a step's interval starts no
+earlier than the previous step's end, so the shares add up to the engine's busy time (the
+union of its steps), which the scheduler also counts.
+
+Each output of a request carries, in its ``kv_transfer_params``, the request's engine time so
+far and the engine's busy time so far (``ENGINE_MS`` and ``BUSY_MS``, in milliseconds): the
+latest output of a request has its total, whether it finished in the engine or was stopped
+by the front end (a stop string). Nothing is kept for a request once it has finished.
+
+The weights: a prefill token and a decode token do not cost a step the same. They were
+measured on this project's CPU engine (``bench/step_weights.py``: a least-squares fit of step
+duration to prefill tokens and decoding requests over steps of mixed batches); override them
+with ``TOLLGATE_STEP_WEIGHTS=prefill:decode``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+__all__ = ["BUSY_MS", "ENGINE_MS", "MeteredAsyncScheduler", "MeteredScheduler", "step_weights"]
+
+#: The key of a request's engine milliseconds so far in an output's ``kv_transfer_params``.
+ENGINE_MS = "tollgate_engine_ms"
+#: The key of the engine's busy milliseconds so far (since its start).
+BUSY_MS = "tollgate_busy_ms"
+
+#: Weight of a prefill token and of a decode token (see the module docstring).
+DEFAULT_WEIGHTS = (1.0, 1.0)
+
+
+def step_weights() -> tuple[float, float]:
+    """The (prefill, decode) token weights in force."""
+    raw = os.environ.get("TOLLGATE_STEP_WEIGHTS", "")
+    if not raw:
+        return DEFAULT_WEIGHTS
+    try:
+        prefill, decode = (float(x) for x in raw.split(":"))
+    except ValueError:
+        return DEFAULT_WEIGHTS
+    if prefill < 0 or decode < 0 or prefill + decode == 0:
+        return DEFAULT_WEIGHTS
+    return prefill, decode
+
+
+class _Metering:
+    """What the two schedulers share; mixed in before vLLM's scheduler class."""
+
+    def _init_metering(self) -> None:
+        self._prefill_w, self._decode_w = step_weights()
+        self._engine_ms: dict[str, float] = {}
+        self._busy_ms = 0.0
+        self._last_end = 0.0
+        #: (start, weight per request) of each step scheduled and not yet processed.
+        self._steps: list[tuple[float, dict[str, float]]] = []
+
+    def _scheduled(self, started: float, output: Any, requests: dict[str, Any]) -> None:
+        counts: dict[str, int] = output.num_scheduled_tokens
+        if not counts:
+            return
+        weights = {}
+        for request_id, n in counts.items():
+            request = requests.get(request_id)
+            if request is None:
+                weights[request_id] = n * self._decode_w
+                continue
+            before = request.num_computed_tokens - n
+            prefill = min(max(request.num_prompt_tokens - before, 0), n)
+            weights[request_id] = prefill * self._prefill_w + (n - prefill) * self._decode_w
+        self._steps.append((started, weights))
+
+    def _processed(self, outputs: dict[int, Any]) -> None:
+        if not self._steps:
+            return
+        started, weights = self._steps.pop(0)
+        now = time.perf_counter()
+        duration = (now - max(started, self._last_end)) * 1000
+        self._last_end = now
+        if duration <= 0:
+            return
+        self._busy_ms += duration
+        total = sum(weights.values())
+        engine_ms = self._engine_ms
+        for request_id, weight in weights.items():
+            share = duration * weight / total if total else duration / len(weights)
+            engine_ms[request_id] = engine_ms.get(request_id, 0.0) + share
+        for group in outputs.values():
+            for out in group.outputs:
+                spent = engine_ms.get(out.request_id)
+                if spent is None:
+                    continue
+                params = dict(out.kv_transfer_params or {})
+                params[ENGINE_MS] = spent
+                params[BUSY_MS] = self._busy_ms
+                out.kv_transfer_params = params
+        # Requests that finished (or were aborted) in this step: nothing more to report.
+        live = self._live()
+        for request_id in weights:
+            if request_id not in live:
+                engine_ms.pop(request_id, None)
+
+    def _live(self) -> Any:
+        raise NotImplementedError
+
+
+class MeteredScheduler(_Metering, Scheduler):
+    """vLLM's scheduler, metering engine time per request."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_metering()
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = super().schedule(*args, **kwargs)
+        self._scheduled(started, output, self.requests)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._processed(outputs)
+        return outputs
+
+    def _live(self) -> Any:
+        return self.requests
+
+    def finish_requests(self, request_ids: Any, finished_status: Any) -> Any:
+        # Aborted (a client gone, a stop string found by the front end): forget it.
+        if request_ids is None:
+            self._engine_ms.clear()
+        else:
+            if not isinstance(request_ids, str):
+                request_ids = list(request_ids)  # may be a one-pass iterable
+            for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
+                self._engine_ms.pop(request_id, None)
+        return super().finish_requests(request_ids, finished_status)
+
+
+class MeteredAsyncScheduler(_Metering, AsyncScheduler):
+    """vLLM's async scheduler (GPUs), metering engine time per request."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_metering()
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = super().schedule(*args, **kwargs)
+        self._scheduled(started, output, self.requests)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._processed(outputs)
+        return outputs
+
+    def _live(self) -> Any:
+        return self.requests
+
+    def finish_requests(self, request_ids: Any, finished_status: Any) -> Any:
+        # Aborted (a client gone, a stop string found by the front end): forget it.
+        if request_ids is None:
+            self._engine_ms.clear()
+        else:
+            if not isinstance(request_ids, str):
+                request_ids = list(request_ids)  # may be a one-pass iterable
+            for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
+                self._engine_ms.pop(request_id, None)
+        return super().finish_requests(request_ids, finished_status)
