@@ -15,7 +15,9 @@ union of its steps), which the scheduler also counts.
 Each output of a request carries, in its ``kv_transfer_params``, the request's engine time so
 far and the engine's busy time so far (``ENGINE_MS`` and ``BUSY_MS``, in milliseconds): the
 latest output of a request has its total, whether it finished in the engine or was stopped
-by the front end (a stop string). Nothing is kept for a request once it has finished.
+by the front end (a stop string). A request with ``n`` > 1 is ``n`` requests in the engine
+(vLLM names them ``{index}_{parent id}``) whose outputs the front end may merge: their time
+is counted together, under the parent. Nothing is kept once a request has finished.
 
 The weights: a prefill token and a decode token do not cost a step the same. They were
 measured on this project's CPU engine (``bench/step_weights.py``: a least-squares fit of step
@@ -57,12 +59,21 @@ def step_weights() -> tuple[float, float]:
     return prefill, decode
 
 
+def _group(request_id: str) -> str:
+    """The request whose time an engine request counts to: a choice's parent, or itself."""
+    index, sep, parent = request_id.partition("_")
+    return parent if sep and index.isdigit() else request_id
+
+
 class _Metering:
     """What the two schedulers share; mixed in before vLLM's scheduler class."""
 
     def _init_metering(self) -> None:
         self._prefill_w, self._decode_w = step_weights()
+        #: Engine milliseconds per request (the parent's, for the choices of n > 1).
         self._engine_ms: dict[str, float] = {}
+        #: The live engine requests of each entry of ``_engine_ms``.
+        self._members: dict[str, set[str]] = {}
         self._busy_ms = 0.0
         self._last_end = 0.0
         #: (start, weight per request) of each step scheduled and not yet processed.
@@ -97,10 +108,12 @@ class _Metering:
         engine_ms = self._engine_ms
         for request_id, weight in weights.items():
             share = duration * weight / total if total else duration / len(weights)
-            engine_ms[request_id] = engine_ms.get(request_id, 0.0) + share
-        for group in outputs.values():
-            for out in group.outputs:
-                spent = engine_ms.get(out.request_id)
+            group = _group(request_id)
+            engine_ms[group] = engine_ms.get(group, 0.0) + share
+            self._members.setdefault(group, set()).add(request_id)
+        for batch in outputs.values():
+            for out in batch.outputs:
+                spent = engine_ms.get(_group(out.request_id))
                 if spent is None:
                     continue
                 params = dict(out.kv_transfer_params or {})
@@ -111,7 +124,17 @@ class _Metering:
         live = self._live()
         for request_id in weights:
             if request_id not in live:
-                engine_ms.pop(request_id, None)
+                self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        group = _group(request_id)
+        members = self._members.get(group)
+        if members is not None:
+            members.discard(request_id)
+            if members:
+                return
+            del self._members[group]
+        self._engine_ms.pop(group, None)
 
     def _live(self) -> Any:
         raise NotImplementedError
@@ -142,11 +165,12 @@ class MeteredScheduler(_Metering, Scheduler):
         # Aborted (a client gone, a stop string found by the front end): forget it.
         if request_ids is None:
             self._engine_ms.clear()
+            self._members.clear()
         else:
             if not isinstance(request_ids, str):
                 request_ids = list(request_ids)  # may be a one-pass iterable
             for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
-                self._engine_ms.pop(request_id, None)
+                self._forget(request_id)
         return super().finish_requests(request_ids, finished_status)
 
 
@@ -175,9 +199,10 @@ class MeteredAsyncScheduler(_Metering, AsyncScheduler):
         # Aborted (a client gone, a stop string found by the front end): forget it.
         if request_ids is None:
             self._engine_ms.clear()
+            self._members.clear()
         else:
             if not isinstance(request_ids, str):
                 request_ids = list(request_ids)  # may be a one-pass iterable
             for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
-                self._engine_ms.pop(request_id, None)
+                self._forget(request_id)
         return super().finish_requests(request_ids, finished_status)

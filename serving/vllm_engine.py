@@ -243,6 +243,7 @@ class _VllmEngine(ModelEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self._engine_args()
+        self._stats.busy_ms = 0.0  # a new engine core counts from zero
         factory = _make_stat_logger(self._stats)
         all_cpus = os.sched_getaffinity(0) | (self.engine_cpus or set())
 
@@ -474,12 +475,14 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         llm = await self._engine()
         results = llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
         stats = self._stats
+        engine_ms: float | None = None
         try:
             async for out in results:
-                engine_ms = None
                 if metered := out.kv_transfer_params:
-                    engine_ms = metered.get(ENGINE_MS)
-                    stats.busy_ms = metered.get(BUSY_MS, stats.busy_ms)
+                    # Outputs merged on the way carry the latest step's figures; the largest.
+                    if (spent := metered.get(ENGINE_MS)) is not None:
+                        engine_ms = max(spent, engine_ms or 0.0)
+                    stats.busy_ms = max(metered.get(BUSY_MS, 0.0), stats.busy_ms)
                 choices = [_choice(c, logprobs) for c in out.outputs]
                 if copies > 1:
                     choices += [

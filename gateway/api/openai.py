@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import base64
-import functools
 import hashlib
 import time
 from typing import Any
@@ -551,11 +550,21 @@ class _Embeddings:
 _CREATED = int(time.time())
 
 
-@functools.lru_cache(maxsize=256)
+#: Catalog entry (by identity, kept alive here) to its digest.
+_DIGESTS: dict[int, tuple[ModelSpec, str]] = {}
+
+
 def _digest(spec: ModelSpec) -> str:
     """A digest of a model's catalog entry: answers of a model reconfigured under the same
     name are not those of the old one."""
-    return hashlib.blake2b(msgspec.json.encode(spec), digest_size=12).hexdigest()
+    known = _DIGESTS.get(id(spec))
+    if known is not None and known[0] is spec:
+        return known[1]
+    digest = hashlib.blake2b(msgspec.json.encode(spec), digest_size=12).hexdigest()
+    if len(_DIGESTS) > 1024:
+        _DIGESTS.clear()
+    _DIGESTS[id(spec)] = (spec, digest)
+    return digest
 
 
 def _model_card(name: str) -> dict[str, Any]:

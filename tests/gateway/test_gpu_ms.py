@@ -53,7 +53,7 @@ async def test_gpu_ms_adds_up_to_the_engine_busy_time(
 ) -> None:
     tenant = admin.tenant("gpu-ms-" + secrets.token_hex(3))
     key = admin.key(tenant)
-    words = "the quick brown fox jumps over the lazy dog ".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
     calls: list[tuple[str, dict[str, Any]]] = []
     for i in range(16):
         prompt = " ".join(words[j % len(words)] for j in range(5 + 60 * (i % 4)))

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 
+from billing.events import CacheTier
+from billing.pricing import Price, rate
 from tests.conftest import Gateway, engine_stats, wait_idle
 from tests.support.admin import Admin
 from tests.support.waits import events_of
@@ -51,6 +55,28 @@ async def answer(http: httpx.AsyncClient, body: dict[str, Any]) -> tuple[str, st
     return "".join(parts), headers["x-tollgate-cache"], headers["x-request-id"]
 
 
+PRICE = {
+    "input_per_mtok": "2",
+    "cached_input_per_mtok": "0.5",
+    "output_per_mtok": "8",
+    "response_input_per_mtok": "0.25",
+    "response_output_per_mtok": "1",
+}
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def priced(admin: Admin) -> Iterator[None]:
+    """demo-chat at ``PRICE`` for the test; the price before it is back afterwards."""
+    before = [p for p in admin.http.get("/prices").json()["data"] if p["model"] == MODEL]
+    assert admin.http.put(f"/prices/{MODEL}", json=PRICE).status_code == 200
+    yield
+    if before:
+        latest = max(before, key=lambda p: p["effective_from"])
+        restored = {k: latest[k] for k in PRICE}
+        assert admin.http.put(f"/prices/{MODEL}", json=restored).status_code == 200
+
+
 @pytest.fixture
 def tenant_key(admin: Admin) -> tuple[str, str]:
     tenant = admin.tenant("cache-" + secrets.token_hex(3))
@@ -67,7 +93,11 @@ def client(gateway: Gateway, key: str, **headers: str) -> httpx.AsyncClient:
 
 
 async def test_twenty_identical_requests_share_one_generation_then_hit(
-    gateway: Gateway, admin: Admin, http: httpx.Client, tenant_key: tuple[str, str]
+    gateway: Gateway,
+    admin: Admin,
+    http: httpx.Client,
+    tenant_key: tuple[str, str],
+    priced: None,
 ) -> None:
     tenant, key = tenant_key
     body = chat("single flight " + secrets.token_hex(4))
@@ -117,6 +147,17 @@ async def test_twenty_identical_requests_share_one_generation_then_hit(
         assert r["completion_tokens"] == 48
         if r["cache_tier"] == "response":
             assert r["cached_tokens"] == r["prompt_tokens"]
+    # Rated at the prices in force: the response-cache ones for hits and shared answers.
+    price = Price(
+        id=0,
+        model=MODEL,
+        effective_from=T0,
+        **{k: Decimal(v) for k, v in PRICE.items()},
+    )
+    for r in rows:
+        tier = CacheTier(r["cache_tier"])
+        expected = rate(price, r["prompt_tokens"], r["cached_tokens"], 48, tier)
+        assert Decimal(r["cost_usd"]) == expected, r
     miss = next(r for r in rows if r["cache_tier"] == "none")
     shared = next(r for r in rows if r["cache_tier"] == "response")
     assert Decimal(shared["cost_usd"]) < Decimal(miss["cost_usd"])
