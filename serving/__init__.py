@@ -22,6 +22,7 @@ from serving.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from serving.fairqueue import FairQueue, Priority, QueueFull, RequestContext
 from serving.host import EngineHost, make_engine
 
 __all__ = [
@@ -36,11 +37,15 @@ __all__ = [
     "EngineOptions",
     "EngineState",
     "EngineStats",
+    "FairQueue",
     "GenerationChunk",
     "GenerationEngine",
     "InvalidPrompt",
     "ModelEngine",
     "ModelSpec",
+    "Priority",
+    "QueueFull",
+    "RequestContext",
     "ResponseFormat",
     "SamplingOptions",
     "ServingError",

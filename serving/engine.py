@@ -17,11 +17,14 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import AsyncIterator, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 from serving.catalog import ModelSpec
+
+if TYPE_CHECKING:
+    from serving.fairqueue import RequestContext
 
 __all__ = [
     "ChoiceDelta",
@@ -139,6 +142,8 @@ class GenerationChunk(msgspec.Struct):
     #: Engine milliseconds this request has had so far (its share of the engine's steps,
     #: see `serving.metering`); ``None`` when the engine does not meter.
     engine_ms: float | None = None
+    #: Milliseconds the request waited in the engine's admission queue.
+    queue_ms: float = 0.0
 
 
 class EmbeddingBatch(msgspec.Struct):
@@ -178,6 +183,10 @@ class EngineStats(msgspec.Struct):
     requests_finished: int = 0
     #: Milliseconds the engine has spent in steps since it (last) started.
     busy_ms: float = 0.0
+    #: Requests waiting in the admission queue, and the queue's bounds.
+    queued: int = 0
+    slots: int = 0
+    max_queued: int = 0
 
 
 class ModelEngine(abc.ABC):
@@ -242,8 +251,12 @@ class GenerationEngine(ModelEngine):
         request_id: str,
         *,
         stream: bool,
+        context: RequestContext | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Generate from token ids.
+
+        ``context`` places the request in the engine's admission queue (its group, weight
+        and class) and its prefix cache (its salt); see `serving.fairqueue`.
 
         With ``stream`` each chunk carries what is new; without it one chunk carries all.
         Closing the iterator early aborts the request in the engine.
@@ -255,7 +268,8 @@ class GenerationEngine(ModelEngine):
             InvalidPrompt: at once, before anything is iterated, when the prompt or the
                 options cannot be served; or from the first ``anext`` when the engine's own
                 validation refuses them.
-            EngineNotReady: the engine never started, or did not come back in time.
+            EngineNotReady: the engine never started, or did not come back in time; or
+                (`serving.fairqueue.QueueFull`) too many requests wait for it.
             EngineDead: the engine died while the request ran.
         """
 

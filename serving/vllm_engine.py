@@ -17,9 +17,10 @@ gives the same output whatever else is in the batch. GPUs keep chunked prefill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -40,6 +41,7 @@ from serving.engine import (
     TokenLogprob,
     TopLogprob,
 )
+from serving.fairqueue import FairQueue, RequestContext
 from serving.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -167,6 +169,8 @@ class _VllmEngine(ModelEngine):
         #: How long a request waits for an engine that is restarting.
         self.ready_wait_s = ready_wait_s
         self._stats = EngineStats()
+        #: The admission queue in front of the engine (generation models).
+        self.queue = FairQueue(slots=spec.engine.max_num_seqs or 256, max_queued=1024)
         self._llm: AsyncLLM | None = None
         self.supervisor = Supervisor(
             spec.name,
@@ -295,6 +299,13 @@ class _VllmEngine(ModelEngine):
         stats.ready = supervisor.state == "ready" and not self._is_dead()
         stats.restarts = supervisor.restarts
         stats.last_error = supervisor.last_error
+        queue = getattr(self, "queue", None)
+        if queue is not None:
+            stats.queued, stats.slots, stats.max_queued = (
+                queue.queued,
+                queue.slots,
+                queue.max_queued,
+            )
         return stats
 
     @property
@@ -448,6 +459,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         request_id: str,
         *,
         stream: bool,
+        context: RequestContext | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
@@ -458,7 +470,9 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             # sequence and hand it out n times (its tokens count once: the engine's work).
             copies, options = options.n, msgspec.structs.replace(options, n=1)
         params = self._sampling_params(options, stream=stream)
-        return self._run(prompt, params, request_id, options.logprobs, copies)
+        return self._run(
+            prompt, params, request_id, options.logprobs, copies, context or RequestContext()
+        )
 
     async def _run(
         self,
@@ -466,15 +480,41 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         params: Any,
         request_id: str,
         logprobs: int | None,
-        copies: int = 1,
+        copies: int,
+        context: RequestContext,
     ) -> AsyncIterator[GenerationChunk]:
+        llm = await self._engine()
+        queue_ms = await self.queue.acquire(context, len(prompt)) * 1000
+        try:
+            async with contextlib.aclosing(
+                self._stream(llm, prompt, params, request_id, logprobs, copies, context)
+            ) as chunks:
+                async for chunk in chunks:
+                    chunk.queue_ms = queue_ms
+                    yield chunk
+        finally:
+            self.queue.release()
+
+    async def _stream(
+        self,
+        llm: Any,
+        prompt: list[int],
+        params: Any,
+        request_id: str,
+        logprobs: int | None,
+        copies: int,
+        context: RequestContext,
+    ) -> AsyncGenerator[GenerationChunk, None]:
         from vllm.inputs import TokensPrompt
 
         from serving.metering import BUSY_MS, ENGINE_MS
 
-        llm = await self._engine()
-        results = llm.generate(TokensPrompt(prompt_token_ids=prompt), params, request_id)
+        tokens = TokensPrompt(prompt_token_ids=prompt)
+        if context.cache_salt is not None:
+            tokens["cache_salt"] = context.cache_salt
+        results = llm.generate(tokens, params, request_id)
         stats = self._stats
+        queue = self.queue
         engine_ms: float | None = None
         try:
             async for out in results:
@@ -489,6 +529,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
                         msgspec.structs.replace(choices[0], index=i, num_tokens=0)
                         for i in range(1, copies)
                     ]
+                queue.charge(context, sum(c.num_tokens for c in choices))
                 yield GenerationChunk(
                     choices=choices,
                     prompt_tokens=len(prompt),

@@ -21,7 +21,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from gateway.db.errors import Conflict, InvalidValue, NotFound
-from gateway.db.tables import NAME_MAX_LENGTH, QUOTA_LIMITS, ROLES, ApiKey, QuotaPolicy, Tenant
+from gateway.db.tables import (
+    NAME_MAX_LENGTH,
+    QUOTA_LIMITS,
+    ROLES,
+    ApiKey,
+    QuotaPolicy,
+    ServingPolicyRow,
+    Tenant,
+)
 from gateway.db.types import to_money, utcnow
 from gateway.db.url import SQLITE_WRITE_OPTION, make_engine
 from gateway.keys import generate_key, key_digest, key_hint
@@ -351,6 +359,41 @@ class AccountStore:
             return tenant_policy, key_policy
 
         return await self._run(work)
+
+    # The serving policy
+
+    async def get_serving_policy(self) -> tuple[int, str]:
+        """The serving policy document and its version (``(0, "{}")`` before the first)."""
+
+        def work(session: Session) -> tuple[int, str]:
+            row = session.get(ServingPolicyRow, 1)
+            return (0, "{}") if row is None else (row.version, row.document)
+
+        return await self._run(work)
+
+    async def set_serving_policy(self, document: str, expected_version: int) -> int:
+        """Store a new serving policy made from version ``expected_version``; its version.
+
+        Raises:
+            Conflict: another change was stored since ``expected_version``.
+        """
+
+        def work(session: Session) -> int:
+            row = session.get(ServingPolicyRow, 1, with_for_update=True)
+            if row is None:
+                if expected_version != 0:
+                    raise Conflict("the serving policy changed meanwhile; read it again")
+                session.add(ServingPolicyRow(id=1, version=1, document=document))
+                return 1
+            if row.version != expected_version:
+                raise Conflict("the serving policy changed meanwhile; read it again")
+            row.version += 1
+            row.document = document
+            row.updated_at = utcnow()
+            session.add(row)
+            return row.version
+
+        return await self._run(work, write=True)
 
 
 def _live_tenant(session: Session, tenant_id: str, *, lock: bool = False) -> Tenant:

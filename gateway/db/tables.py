@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ROLES",
     "ApiKey",
     "QuotaPolicy",
+    "ServingPolicyRow",
     "Tenant",
     "metadata",
     "new_key_id",
@@ -149,4 +151,17 @@ class QuotaPolicy(_Table, table=True):
     monthly_tokens: int | None = Field(default=None, sa_type=BigInteger)
     #: Spend per UTC calendar month, in USD.
     monthly_spend_usd: Decimal | None = Field(default=None, sa_type=Money)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ServingPolicyRow(_Table, table=True):
+    """The operator's serving policy (cache, queues, shares): one JSON document, versioned, so
+    that every replica applies the same one (``GET/PATCH /admin/v1/serving``)."""
+
+    __tablename__ = "serving_policy"
+
+    id: int = Field(default=1, primary_key=True)
+    #: Raised by one on every change; replicas reload when it moves.
+    version: int = Field(sa_type=BigInteger)
+    document: str = Field(sa_type=Text)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -23,6 +23,7 @@ TABLES = {
     "usage_rollup",
     "outbox",
     "usage_dead_letter",
+    "serving_policy",
     "alembic_version",
 }
 
@@ -50,7 +51,7 @@ def test_upgrade_empty_database_to_head_twice(new_database: Callable[[], str]) -
     assert current(database_url) is None
     assert table_names(database_url) == set()
     upgrade(database_url)
-    assert current(database_url) == head() == "0004"
+    assert current(database_url) == head() == "0005"
     assert table_names(database_url) == TABLES
     upgrade(database_url)
     assert current(database_url) == head()
