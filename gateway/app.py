@@ -27,6 +27,7 @@ from gateway.credentials import check_admin_token, load_secret
 from gateway.db import AccountStore, make_engine, upgrade
 from gateway.errors import exception_handlers
 from gateway.middleware import add_request_id
+from gateway.policy import ServingControl
 from gateway.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from gateway.quotas.watchdog import StoreWatchdog
 from gateway.services import Services
@@ -157,6 +158,8 @@ def create_app(
             enabled=settings.cache,
             shared_models=shared_models,
         )
+        policy = ServingControl(accounts, host, cache, settings, secret)
+        await policy.start()
         telemetry.observe_engines(host.restarts)
         services_box["services"] = Services(
             settings=settings,
@@ -168,6 +171,7 @@ def create_app(
             secret=secret,
             usage=usage,
             cache=cache,
+            policy=policy,
         )
         # Several apps may share one host whose engines their caller runs (benchmarks).
         task = asyncio.create_task(host.start() if own_engines else asyncio.sleep(0))
@@ -179,6 +183,7 @@ def create_app(
             await asyncio.gather(task, return_exceptions=True)
             # Calls still running were closed when their tasks were cancelled: write their
             # events and settlements first (or spool them), then stop the engines.
+            await policy.close()
             await cache.close()
             await usage.close()
             await admission.close()

@@ -8,6 +8,7 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.cache import ResponseCache
 from gateway.db import AccountStore
+from gateway.policy import ServingControl
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry
 from gateway.usage import UsageRecorder
@@ -32,6 +33,8 @@ class Services:
     usage: UsageRecorder
     #: Answers of deterministic requests, and the generations in flight.
     cache: ResponseCache
+    #: The operator's serving policy: cache, queues, shares.
+    policy: ServingControl
 
     def __repr__(self) -> str:
         return "Services()"

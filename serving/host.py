@@ -128,6 +128,10 @@ class EngineHost:
             *(engine.shutdown() for engine in self._engines.values()), return_exceptions=True
         )
 
+    def engines(self) -> list[ModelEngine]:
+        """Every engine, in catalog order."""
+        return list(self._engines.values())
+
     def get(self, model: str) -> ModelEngine | None:
         """The engine serving ``model`` (a name or an alias)."""
         spec = self.catalog.get(model)

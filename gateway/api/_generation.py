@@ -35,7 +35,13 @@ from gateway.api._serve import api_error, json_response, outcome_of, send_error,
 from gateway.cache.responses import CacheMode, CacheStatus, ResponseCache, run_streams
 from gateway.calls import Call, Outcome
 from gateway.usage import cost_header
-from serving import GenerationChunk, GenerationEngine, SamplingOptions, ServingError
+from serving import (
+    GenerationChunk,
+    GenerationEngine,
+    RequestContext,
+    SamplingOptions,
+    ServingError,
+)
 
 __all__ = ["Generation", "json_response"]
 
@@ -67,6 +73,7 @@ class Generation:
         cache: The response cache, for a deterministic call; ``None`` bypasses it.
         cache_key: The call's key in ``cache``.
         cache_mode: What the client allows of the cache.
+        context: The engine request context (fairness group, class, prefix-cache salt).
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class Generation:
         cache: ResponseCache | None = None,
         cache_key: str | None = None,
         cache_mode: CacheMode = CacheMode.USE,
+        context: RequestContext | None = None,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
@@ -97,6 +105,8 @@ class Generation:
         self._seen: set[int] = set()
         #: Engine milliseconds of each prompt's request so far.
         self._engine_ms: dict[int, float] = {}
+        #: The longest any prompt waited in the engine's admission queue.
+        self.queue_ms = 0.0
         self.cache = cache if cache_key is not None and cache_mode is not CacheMode.OFF else None
         self.cache_key = cache_key
         self.cache_mode = cache_mode
@@ -106,7 +116,9 @@ class Generation:
         self._streams = [
             cast(
                 AsyncGenerator[GenerationChunk, None],
-                engine.generate(prompt, options, f"{call.request_id}-{i}", stream=True),
+                engine.generate(
+                    prompt, options, f"{call.request_id}-{i}", stream=True, context=context
+                ),
             )
             for i, prompt in enumerate(prompts)
         ]
@@ -130,17 +142,22 @@ class Generation:
             from_cache = self.call.cache_status in _FROM_CACHE
             usage.cached_tokens += len(self.prompts[p]) if from_cache else chunk.cached_tokens
             self.call.obs.first_token()
-        if chunk.engine_ms is not None and self.call.cache_status not in _FROM_CACHE:
-            self._engine_ms[p] = chunk.engine_ms
-            usage.gpu_ms = sum(self._engine_ms.values())
+        if self.call.cache_status not in _FROM_CACHE:
+            if chunk.engine_ms is not None:
+                self._engine_ms[p] = chunk.engine_ms
+                usage.gpu_ms = sum(self._engine_ms.values())
+            self.queue_ms = max(self.queue_ms, chunk.queue_ms)
         for choice in chunk.choices:
             usage.completion_tokens += choice.num_tokens
             if choice.finish_reason is not None:
                 self.call.finish_reasons.append(finish_reason(choice) or "stop")
 
     def _headers(self) -> dict[str, str]:
+        headers = {"x-tollgate-queue-ms": f"{self.queue_ms:.1f}"}
         status = self.call.cache_status
-        return {} if status is None else {"x-tollgate-cache": status.value}
+        if status is not None:
+            headers["x-tollgate-cache"] = status.value
+        return headers
 
     async def _pump(self, on_chunk: OnChunk) -> None:
         """Hand every chunk of the answer to ``on_chunk``: from the engine, or the cache.

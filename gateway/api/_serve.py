@@ -22,7 +22,7 @@ from litestar.types import Receive, Scope, Send
 
 from gateway.calls import Call, Outcome
 from gateway.errors import APIError, InvalidRequest, ServiceUnavailable
-from serving import EngineDead, EngineNotReady, InvalidPrompt, ServingError
+from serving import EngineDead, EngineNotReady, InvalidPrompt, QueueFull, ServingError
 
 __all__ = [
     "Body",
@@ -61,6 +61,8 @@ def api_error(exc: ServingError) -> APIError:
         return InvalidRequest(str(exc), param=exc.param, code=code)
     if isinstance(exc, EngineNotReady | EngineDead):
         code = "model_not_ready" if isinstance(exc, EngineNotReady) else "engine_unavailable"
+        if isinstance(exc, QueueFull):
+            code = "model_overloaded"
         retry = max(round(exc.retry_after_s or 1.0), 1)
         return ServiceUnavailable(
             str(exc),

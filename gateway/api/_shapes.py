@@ -418,3 +418,38 @@ class DeadLetterList(_Closed):
     data: list[DeadLetter]
     #: How many dead letters the ledger holds.
     total: Count
+
+
+# The serving policy
+
+
+class CacheSettings(_Closed):
+    enabled: bool
+    ttl_s: float
+    max_mb: float
+    shared_models: list[str]
+
+
+class QueueSettings(_Closed):
+    slots: int | UnsetType = UNSET
+    max_queued: int | UnsetType = UNSET
+
+
+class ShareSettings(_Closed):
+    weight: float | UnsetType = UNSET
+    priority: Literal["interactive", "batch"] | UnsetType = UNSET
+    isolate_prefix: bool | UnsetType = UNSET
+
+
+class ServingPolicyBody(_Closed):
+    """The serving policy in force, every default filled in."""
+
+    object: Literal["serving_policy"]
+    version: int
+    cache: CacheSettings
+    #: The default of every engine's queue, as set (empty: each engine's own).
+    queue: QueueSettings
+    #: Each generation model's queue in force.
+    models: dict[str, QueueSettings]
+    tenants: dict[str, ShareSettings]
+    keys: dict[str, ShareSettings]

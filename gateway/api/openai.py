@@ -373,8 +373,9 @@ class OpenAIController(Controller):
             repetition_penalty=req.repetition_penalty,
         )
         cache, key, mode = services.cache, None, CacheMode.of(request.headers.get("cache-control"))
+        principal = principal_of(request.scope)
+        context = services.policy.context(principal)
         if cache.enabled and deterministic(options):
-            principal = principal_of(request.scope)
             key = cache.key(
                 tenant=principal.tenant_id or "" if principal is not None else "",
                 model=engine.name,
@@ -394,6 +395,7 @@ class OpenAIController(Controller):
                 cache=cache,
                 cache_key=key,
                 cache_mode=mode,
+                context=context,
             )
         except ServingError as exc:
             raise api_error(exc) from exc

@@ -116,6 +116,8 @@ ROUTES = {
     ("get", "/admin/v1/billing/invoices"),
     ("get", "/admin/v1/billing/export"),
     ("get", "/admin/v1/billing/dead-letters"),
+    ("get", "/admin/v1/serving"),
+    ("patch", "/admin/v1/serving"),
 }
 
 
