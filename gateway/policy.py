@@ -186,13 +186,30 @@ class ServingControl:
         if not isinstance(patch, dict):
             raise PolicyError("a change to the serving policy is a JSON object")
         version, raw = await self.accounts.get_serving_policy()
-        document = merge_patch(msgspec.json.decode(raw), patch)
+        document = merge_patch(msgspec.json.decode(raw), self._canonical(patch))
         policy = self.check(document)
         # Model names are stored as the catalog names them (an alias finds the same model).
         new_version = await self.accounts.set_serving_policy(
             msgspec.json.encode(document).decode(), version
         )
         self._apply(new_version, document, policy)
+
+    def _canonical(self, patch: dict[str, Any]) -> dict[str, Any]:
+        """The patch with every model named as the catalog names it (not by an alias), so that
+        one model never has two entries."""
+        catalog = self.host.catalog
+
+        def name(model: Any) -> Any:
+            spec = catalog.get(model) if isinstance(model, str) else None
+            return model if spec is None else spec.name
+
+        patch = dict(patch)
+        if isinstance(models := patch.get("models"), dict):
+            patch["models"] = {name(k): v for k, v in models.items()}
+        cache = patch.get("cache")
+        if isinstance(cache, dict) and isinstance(cache.get("shared_models"), list):
+            patch["cache"] = {**cache, "shared_models": [name(m) for m in cache["shared_models"]]}
+        return patch
 
     def _apply(self, version: int, document: dict[str, Any], policy: ServingPolicy) -> None:
         settings, cache = self.settings, self.cache

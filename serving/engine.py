@@ -183,7 +183,9 @@ class EngineStats(msgspec.Struct):
     requests_finished: int = 0
     #: Milliseconds the engine has spent in steps since it (last) started.
     busy_ms: float = 0.0
-    #: Requests waiting in the admission queue, and the queue's bounds.
+    #: Requests let in by the admission queue and not done, those waiting in it, and its
+    #: bounds.
+    admitted: int = 0
     queued: int = 0
     slots: int = 0
     max_queued: int = 0

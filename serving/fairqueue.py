@@ -18,6 +18,12 @@ request for a free slot with nobody waiting goes in at once. A request that woul
 than ``max_queued`` wait is refused with `QueueFull`. ``slots`` and ``max_queued`` change
 live; a larger ``slots`` lets waiting requests in at once.
 
+Counters order the queue, but a slot frees only when a request ends: behind a flood of long
+requests, a light group's short ones would wait for them. So a few ``reserve`` slots above
+``slots`` go, at once, to a request whose group runs fewer requests than its share of the
+slots (``slots`` times its weight over the weights of the groups running or waiting): a
+group under its share never waits for one over it, and a flood alone never uses them.
+
 The groups, their weights and the classes are opaque here: the caller (the gateway) maps
 its tenants to them.
 """
@@ -90,10 +96,14 @@ class FairQueue:
         max_queued: Requests that may wait at once.
     """
 
-    def __init__(self, slots: int, max_queued: int) -> None:
+    def __init__(self, slots: int, max_queued: int, reserve: int | None = None) -> None:
         self._slots = max(slots, 1)
         self.max_queued = max(max_queued, 0)
+        #: Slots above ``slots`` for groups under their share (default a quarter, at least 2).
+        self.reserve = max(2, self._slots // 4) if reserve is None else max(reserve, 0)
         self.running = 0
+        self._running: collections.Counter[str] = collections.Counter()
+        self._weights: dict[str, float] = {}
         self.counters: dict[str, float] = {}
         self._waiting: dict[Priority, dict[str, collections.deque[_Waiter]]] = {
             c: {} for c in CLASSES
@@ -110,6 +120,7 @@ class FairQueue:
     @slots.setter
     def slots(self, value: int) -> None:
         self._slots = max(value, 1)
+        self.reserve = max(2, self._slots // 4)
         self._dispatch()
 
     @property
@@ -132,7 +143,10 @@ class FairQueue:
             QueueFull: ``max_queued`` requests wait already.
             asyncio.CancelledError: cancelled while waiting (nothing held).
         """
-        if self.running < self._slots and self._queued == 0:
+        self._weights[context.group] = context.weight
+        if (self.running < self._slots and self._queued == 0) or (
+            self.running < self._slots + self.reserve and self._under_share(context.group)
+        ):
             self._admit(context, prompt_tokens)
             return 0.0
         if self._queued >= self.max_queued:
@@ -152,16 +166,29 @@ class FairQueue:
             await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release()  # let in just as it was cancelled: hand the slot on
+                self.release(context)  # let in just as it was cancelled: hand the slot on
             else:
                 self._remove(waiter)
             raise
         return time.monotonic() - waiter.since
 
-    def release(self) -> None:
-        """A request let in has ended."""
+    def release(self, context: RequestContext) -> None:
+        """A request of ``context`` let in has ended."""
         self.running -= 1
+        self._running[context.group] -= 1
+        if self._running[context.group] <= 0:
+            del self._running[context.group]
         self._dispatch()
+
+    def _under_share(self, group: str) -> bool:
+        """Whether ``group`` runs fewer requests than its weighted share of the slots."""
+        active = set(self._running) | {
+            g for groups in self._waiting.values() for g, waiters in groups.items() if waiters
+        }
+        active.add(group)
+        total = sum(self._weights.get(g, 1.0) for g in active)
+        share = self._slots * self._weights.get(group, 1.0) / total
+        return self._running[group] + 1 <= share
 
     def charge(self, context: RequestContext, output_tokens: int) -> None:
         """``output_tokens`` more were made for a request of ``context``."""
@@ -184,6 +211,7 @@ class FairQueue:
 
     def _admit(self, context: RequestContext, prompt_tokens: int) -> None:
         self.running += 1
+        self._running[context.group] += 1
         counter = self.counters.get(context.group, self._floor)
         self.counters[context.group] = counter + INPUT_WEIGHT * prompt_tokens / context.weight
         self._floor = counter

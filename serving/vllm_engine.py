@@ -301,7 +301,8 @@ class _VllmEngine(ModelEngine):
         stats.last_error = supervisor.last_error
         queue = getattr(self, "queue", None)
         if queue is not None:
-            stats.queued, stats.slots, stats.max_queued = (
+            stats.admitted, stats.queued, stats.slots, stats.max_queued = (
+                queue.running,
                 queue.queued,
                 queue.slots,
                 queue.max_queued,
@@ -493,7 +494,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
                     chunk.queue_ms = queue_ms
                     yield chunk
         finally:
-            self.queue.release()
+            self.queue.release(context)
 
     async def _stream(
         self,

@@ -16,7 +16,7 @@ async def test_a_free_slot_is_taken_at_once() -> None:
     assert await queue.acquire(RequestContext(group="b"), 10) == 0.0
     with pytest.raises(QueueFull):  # nobody may wait
         await queue.acquire(RequestContext(group="a"), 10)
-    queue.release()
+    queue.release(RequestContext(group="a"))
     assert await queue.acquire(RequestContext(group="a"), 10) == 0.0
 
 
@@ -29,7 +29,7 @@ async def serve(
         await asyncio.sleep(0)
         queue.charge(context, output_tokens)
     finally:
-        queue.release()
+        queue.release(RequestContext())
 
 
 async def test_backlogged_groups_are_served_tokens_by_their_weights() -> None:
@@ -56,7 +56,8 @@ async def test_backlogged_groups_are_served_tokens_by_their_weights() -> None:
 
 async def test_interactive_goes_before_batch_and_a_newcomer_banks_no_credit() -> None:
     queue = FairQueue(slots=1, max_queued=100)
-    await queue.acquire(RequestContext(group="x"), 1)  # the slot is busy
+    busy = RequestContext(group="x")
+    await queue.acquire(busy, 1)  # the slot is busy
     order: list[str] = []
     batch = [
         asyncio.create_task(serve(queue, RequestContext(group="b", priority="batch"), order, 5))
@@ -65,7 +66,7 @@ async def test_interactive_goes_before_batch_and_a_newcomer_banks_no_credit() ->
     await asyncio.sleep(0)
     inter = asyncio.create_task(serve(queue, RequestContext(group="i"), order, 5))
     await asyncio.sleep(0)
-    queue.release()
+    queue.release(busy)
     await asyncio.gather(inter, *batch)
     assert order == ["i", "b", "b", "b"]
     # A group idle all along starts level with the others, not with a counter of zero.
@@ -82,7 +83,7 @@ async def test_a_waiter_cancelled_holds_nothing() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert queue.queued == 0
-    queue.release()
+    queue.release(RequestContext())
     assert queue.running == 0
     assert await queue.acquire(RequestContext(), 1) == 0.0
 
@@ -99,3 +100,26 @@ async def test_more_slots_let_waiters_in_at_once() -> None:
     waited = await asyncio.gather(*waiters)
     assert all(w >= 0 for w in waited)
     assert (queue.running, queue.queued) == (4, 0)
+
+
+async def test_a_group_under_its_share_does_not_wait_behind_a_flood() -> None:
+    queue = FairQueue(slots=4, max_queued=100)
+    flood = RequestContext(group="flood")
+    for _ in range(4):
+        await queue.acquire(flood, 1)
+    more_flood = asyncio.create_task(queue.acquire(flood, 1))
+    await asyncio.sleep(0)
+    assert queue.queued == 1  # the flood is over its share: it waits
+    light = RequestContext(group="light")
+    assert await queue.acquire(light, 1) == 0.0  # under its share: a reserve slot at once
+    assert await queue.acquire(light, 1) == 0.0
+    assert queue.running == 6
+    third = asyncio.create_task(queue.acquire(light, 1))  # at its share now, and no slot
+    await asyncio.sleep(0)
+    assert queue.queued == 2
+    for _ in range(3):  # 3 running: under the slots again, one may go in
+        queue.release(flood)
+    await asyncio.sleep(0)
+    assert third.done()  # the smaller counter goes first
+    assert not more_flood.done()
+    more_flood.cancel()
