@@ -18,7 +18,13 @@ from billing.ledger import Ledger
 from billing.outbox import SqlOutbox, make_outbox
 from billing.spool import Spool
 from gateway.admission import Admission
-from gateway.api import AdminController, BillingController, HealthController, OpenAIController
+from gateway.api import (
+    AdminController,
+    BillingController,
+    HealthController,
+    MetricsController,
+    OpenAIController,
+)
 from gateway.api.openapi import openapi_config
 from gateway.auth import Authenticator, AuthMiddleware
 from gateway.cache import CacheStore, MemoryCacheStore, RedisCacheStore, ResponseCache
@@ -26,6 +32,7 @@ from gateway.calls import CallGuard, call_of
 from gateway.credentials import check_admin_token, load_secret
 from gateway.db import AccountStore, make_engine, upgrade
 from gateway.errors import exception_handlers
+from gateway.metrics import registry_for
 from gateway.middleware import add_request_id
 from gateway.policy import ServingControl
 from gateway.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
@@ -172,6 +179,7 @@ def create_app(
             usage=usage,
             cache=cache,
             policy=policy,
+            metrics=registry_for(host, cache),
         )
         # Several apps may share one host whose engines their caller runs (benchmarks).
         task = asyncio.create_task(host.start() if own_engines else asyncio.sleep(0))
@@ -213,7 +221,7 @@ def create_app(
         return services_box["services"]
 
     middleware: list[Any] = [CallGuard]
-    handlers: list[type] = [OpenAIController, HealthController]
+    handlers: list[type] = [OpenAIController, HealthController, MetricsController]
     if settings.auth:
         handlers.extend([AdminController, BillingController])
         middleware.append(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.cache import ResponseCache
@@ -35,6 +37,8 @@ class Services:
     cache: ResponseCache
     #: The operator's serving policy: cache, queues, shares.
     policy: ServingControl
+    #: What ``/metrics`` renders.
+    metrics: CollectorRegistry
 
     def __repr__(self) -> str:
         return "Services()"

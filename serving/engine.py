@@ -183,6 +183,8 @@ class EngineStats(msgspec.Struct):
     requests_finished: int = 0
     #: Milliseconds the engine has spent in steps since it (last) started.
     busy_ms: float = 0.0
+    #: Engine milliseconds of the requests that ended, in all (since the process started).
+    engine_ms_total: float = 0.0
     #: Requests let in by the admission queue and not done, those waiting in it, and its
     #: bounds.
     admitted: int = 0

@@ -44,6 +44,7 @@ __all__ = [
     "CLASSES",
     "INPUT_WEIGHT",
     "OUTPUT_WEIGHT",
+    "WAIT_BUCKETS_S",
     "FairQueue",
     "Priority",
     "QueueFull",
@@ -56,6 +57,8 @@ CLASSES: tuple[Priority, ...] = ("interactive", "batch")
 #: What a prompt token and an output token add to a group's counter (times 1 / weight).
 INPUT_WEIGHT = 1.0
 OUTPUT_WEIGHT = 2.0
+#: Upper bounds of the queue-wait histogram's buckets, in seconds.
+WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class RequestContext(msgspec.Struct, frozen=True):
@@ -112,6 +115,11 @@ class FairQueue:
         self._floor = 0.0
         #: Tokens each group was served (prompt tokens let in, output tokens made).
         self.served: collections.Counter[str] = collections.Counter()
+        #: Requests let in per class, and the seconds they waited in all and per bucket
+        #: (``WAIT_BUCKETS_S``, cumulative counts as Prometheus keeps them).
+        self.waits: dict[Priority, list[float]] = {
+            c: [0.0] * (len(WAIT_BUCKETS_S) + 2) for c in CLASSES
+        }
 
     @property
     def slots(self) -> int:
@@ -127,6 +135,10 @@ class FairQueue:
     def queued(self) -> int:
         """Requests waiting now."""
         return self._queued
+
+    def waiting_by_class(self) -> dict[Priority, int]:
+        """Requests waiting now per class."""
+        return {c: sum(len(w) for w in self._waiting[c].values()) for c in CLASSES}
 
     def depth(self) -> dict[str, int]:
         """Requests waiting now per group."""
@@ -148,6 +160,7 @@ class FairQueue:
             self.running < self._slots + self.reserve and self._under_share(context.group)
         ):
             self._admit(context, prompt_tokens)
+            self._waited(context.priority, 0.0)
             return 0.0
         if self._queued >= self.max_queued:
             raise QueueFull(
@@ -170,7 +183,18 @@ class FairQueue:
             else:
                 self._remove(waiter)
             raise
-        return time.monotonic() - waiter.since
+        waited = time.monotonic() - waiter.since
+        self._waited(context.priority, waited)
+        return waited
+
+    def _waited(self, priority: Priority, seconds: float) -> None:
+        """Count one wait: [count, sum, bucket counts..., +Inf]."""
+        row = self.waits[priority]
+        row[0] += 1
+        row[1] += seconds
+        for i, bound in enumerate(WAIT_BUCKETS_S):
+            if seconds <= bound:
+                row[2 + i] += 1
 
     def release(self, context: RequestContext) -> None:
         """A request of ``context`` let in has ended."""

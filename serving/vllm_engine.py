@@ -545,6 +545,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
                 raise _invalid(exc) from exc
             raise
         finally:
+            stats.engine_ms_total += engine_ms or 0.0
             # Closing vLLM's generator aborts the request in the engine when it is unfinished.
             await results.aclose()
 

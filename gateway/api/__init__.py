@@ -3,6 +3,13 @@
 from gateway.api.admin import AdminController
 from gateway.api.billing import BillingController
 from gateway.api.health import HealthController
+from gateway.api.metrics import MetricsController
 from gateway.api.openai import OpenAIController
 
-__all__ = ["AdminController", "BillingController", "HealthController", "OpenAIController"]
+__all__ = [
+    "AdminController",
+    "BillingController",
+    "HealthController",
+    "MetricsController",
+    "OpenAIController",
+]

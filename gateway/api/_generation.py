@@ -192,7 +192,7 @@ class Generation:
 
     def _settle_source(self, cache: ResponseCache, status: CacheStatus) -> None:
         self.call.cache_status = status
-        cache.count(status)
+        cache.count(self.engine.name, status)
         if status is not CacheStatus.MISS:
             self._streams = []  # never started: nothing reached the engine
 

@@ -22,6 +22,7 @@ crosses tenants; an operator may share a model's answers across tenants.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import hashlib
@@ -252,7 +253,8 @@ class ResponseCache:
         self.enabled = enabled
         self.shared_models = frozenset(shared_models)
         self.flights: dict[str, Flight] = {}
-        self.counts: dict[CacheStatus, int] = dict.fromkeys(CacheStatus, 0)
+        #: Answers per (model, status).
+        self.counts: collections.Counter[tuple[str, CacheStatus]] = collections.Counter()
         self._warned_at = 0.0
 
     def key(
@@ -312,8 +314,8 @@ class ResponseCache:
         self.flights[key] = flight
         return flight
 
-    def count(self, status: CacheStatus) -> None:
-        self.counts[status] += 1
+    def count(self, model: str, status: CacheStatus) -> None:
+        self.counts[(model, status)] += 1
 
     def _warn(self, what: str, exc: CacheUnavailable) -> None:
         now = time.monotonic()

@@ -118,6 +118,7 @@ ROUTES = {
     ("get", "/admin/v1/billing/dead-letters"),
     ("get", "/admin/v1/serving"),
     ("patch", "/admin/v1/serving"),
+    ("get", "/metrics"),
 }
 
 
