@@ -192,6 +192,8 @@ async def _spend_against_invoice(
             assert answer.status_code == 200, answer.text
             usage = answer.json()["usage"]
             cached += usage["prompt_tokens_details"]["cached_tokens"]
+            # The shared preamble is in the prefix cache from the second request on.
+            assert (usage["prompt_tokens_details"]["cached_tokens"] > 0) == (i > 0), (i, usage)
             expected = (
                 Decimal(price["input_per_mtok"])
                 * (usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"])
