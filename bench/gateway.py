@@ -81,6 +81,8 @@ class Server:
     log: Path
     headers: dict[str, str] = field(default_factory=dict)
     ready_path: str = "/readyz"
+    #: Tollgate's admin token.
+    admin_token: str = ""
 
 
 def catalog(data_dir: Path) -> Path:
@@ -123,6 +125,8 @@ def start_vllm(folder: Path, engine_core: str) -> Server:
         str(int(KV_CACHE_GB * (1 << 30))),
         "--max-num-seqs",
         "128",
+        # Usage with cached prompt tokens, as Tollgate reports them.
+        "--enable-prompt-tokens-details",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": engine_core}
     with log.open("wb") as out:
@@ -223,6 +227,7 @@ def servers(only: set[str]) -> Iterator[list[Server]]:
                 wait_ready(server)
                 if server.name in keys:
                     token, limits = keys[server.name]
+                    server.admin_token = token
                     key = tenant_key(server, token, limits)
                     server.headers = {"authorization": f"Bearer {key}"}
             yield started

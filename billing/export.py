@@ -466,6 +466,28 @@ def _focus_rows(
             "x_PriceId": _text_value(event.price_id),
         }
         rows.append([values[column] for column in FOCUS_COLUMNS])
+    if event.gpu_ms:
+        # The engine time the request took: a usage quantity in device-seconds, not priced.
+        seconds = _money(Decimal(repr(event.gpu_ms)).scaleb(-3))
+        device = dict(zip(FOCUS_COLUMNS, rows[0], strict=True)) if rows else None
+        if device is not None:
+            device.update(
+                {
+                    "BilledCost": "0",
+                    "ChargeDescription": f"{event.model} device time",
+                    "ConsumedQuantity": seconds,
+                    "ConsumedUnit": "Device-Seconds",
+                    "ContractedCost": "0",
+                    "ContractedUnitPrice": "0",
+                    "EffectiveCost": "0",
+                    "ListCost": "0",
+                    "ListUnitPrice": "0",
+                    "PricingQuantity": seconds,
+                    "PricingUnit": "Device-Seconds",
+                    "x_TokenClass": "device_time",
+                }
+            )
+            rows.append([device[column] for column in FOCUS_COLUMNS])
     return rows
 
 

@@ -104,7 +104,7 @@ _CLASS_COSTS = {
     TokenClass.RESPONSE_OUTPUT: "response_output_cost",
 }
 #: The rollup columns an upsert adds to, in the order `_roll_up` sums them.
-_SUMS = ("requests", *_COUNTS, *_RESPONSE_COUNTS, *_CLASS_COSTS.values(), "cost_usd")
+_SUMS = ("requests", *_COUNTS, *_RESPONSE_COUNTS, *_CLASS_COSTS.values(), "cost_usd", "gpu_ms")
 _ROLLUP_KEY = ("tenant_id", "key_id", "model", "day", "price_id")
 _GROUP_COLUMNS = {"model": "model", "day": "day", "key": "key_id"}
 
@@ -294,7 +294,7 @@ class Ledger:
                 sums = groups.get(key)
                 if sums is None:
                     costs = len(_CLASS_COSTS) + 1
-                    sums = groups[key] = [0] * 6 + [Decimal(0)] * costs
+                    sums = groups[key] = [0] * 6 + [Decimal(0)] * costs + [0.0]
                 counts = quantities(
                     event.prompt_tokens,
                     event.cached_tokens,
@@ -310,7 +310,8 @@ class Ledger:
                 sums[5] += counts[TokenClass.RESPONSE_OUTPUT]
                 for index, token_class in enumerate(_CLASS_COSTS, start=6):
                     sums[index] += amounts[token_class]
-                sums[-1] += event.cost_usd
+                sums[-2] += event.cost_usd
+                sums[-1] += event.gpu_ms or 0.0
         rows = [
             {
                 **dict(zip(_ROLLUP_KEY, key, strict=True)),
@@ -335,7 +336,7 @@ class Ledger:
             )
 
     def _add(self, left: Any, right: Any) -> ColumnElement[Any]:
-        if left.name in ("requests", *_COUNTS):
+        if left.name in ("requests", *_COUNTS, *_RESPONSE_COUNTS, "gpu_ms"):
             added: ColumnElement[Any] = left + right
             return added
         return ExactAdd(left, right)
@@ -473,6 +474,7 @@ class Ledger:
                 group,
                 *(func.sum(usage_rollup.c[column]) for column in ("requests", *_COUNTS)),
                 ExactSum(usage_rollup.c.cost_usd),
+                func.sum(usage_rollup.c.gpu_ms),
             )
             .where(*_rollup_filter(tenant_id, start, end))
             .group_by(group)
@@ -482,7 +484,7 @@ class Ledger:
         def work(connection: Connection) -> list[dict[str, Any]]:
             report = []
             for row in connection.execute(query):
-                value, requests, prompt, cached, completion, cost = list(row)
+                value, requests, prompt, cached, completion, cost, gpu_ms = list(row)
                 if name == "key_id" and value == NO_KEY:
                     value = None
                 report.append(
@@ -493,6 +495,7 @@ class Ledger:
                         "cached_tokens": int(cached),
                         "completion_tokens": int(completion),
                         "cost_usd": Decimal(cost),
+                        "gpu_ms": float(gpu_ms or 0.0),
                     }
                 )
             return report

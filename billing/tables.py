@@ -167,6 +167,8 @@ usage_rollup = Table(
     Column("response_input_cost", _cost(), nullable=False, server_default="0"),
     Column("response_output_cost", _cost(), nullable=False, server_default="0"),
     Column("cost_usd", _cost(), nullable=False),
+    #: Engine milliseconds of the events (device time; CPU time on a CPU engine).
+    Column("gpu_ms", Double, nullable=False, server_default="0"),
     PrimaryKeyConstraint("tenant_id", "key_id", "model", "day", "price_id"),
     # Reports over every tenant select by day alone.
     Index("ix_usage_rollup_day", "day"),

@@ -70,39 +70,47 @@ class _Metering:
 
     def _init_metering(self) -> None:
         self._prefill_w, self._decode_w = step_weights()
+        # Each step's prefill tokens, decode tokens and milliseconds, for measuring weights.
+        log = os.environ.get("TOLLGATE_STEP_LOG")
+        self._log = open(log, "a", buffering=1) if log else None  # noqa: SIM115 - the engine's life
         #: Engine milliseconds per request (the parent's, for the choices of n > 1).
         self._engine_ms: dict[str, float] = {}
         #: The live engine requests of each entry of ``_engine_ms``.
         self._members: dict[str, set[str]] = {}
         self._busy_ms = 0.0
         self._last_end = 0.0
-        #: (start, weight per request) of each step scheduled and not yet processed.
-        self._steps: list[tuple[float, dict[str, float]]] = []
+        #: (start, weight per request, prefill and decode tokens) of each step scheduled and
+        #: not yet processed.
+        self._steps: list[tuple[float, dict[str, float], int, int]] = []
 
     def _scheduled(self, started: float, output: Any, requests: dict[str, Any]) -> None:
         counts: dict[str, int] = output.num_scheduled_tokens
         if not counts:
             return
         weights = {}
+        prefills = decodes = 0
         for request_id, n in counts.items():
             request = requests.get(request_id)
-            if request is None:
-                weights[request_id] = n * self._decode_w
-                continue
-            before = request.num_computed_tokens - n
-            prefill = min(max(request.num_prompt_tokens - before, 0), n)
+            prefill = 0
+            if request is not None:
+                before = request.num_computed_tokens - n
+                prefill = min(max(request.num_prompt_tokens - before, 0), n)
             weights[request_id] = prefill * self._prefill_w + (n - prefill) * self._decode_w
-        self._steps.append((started, weights))
+            prefills += prefill
+            decodes += n - prefill
+        self._steps.append((started, weights, prefills, decodes))
 
     def _processed(self, outputs: dict[int, Any]) -> None:
         if not self._steps:
             return
-        started, weights = self._steps.pop(0)
+        started, weights, prefills, decodes = self._steps.pop(0)
         now = time.perf_counter()
         duration = (now - max(started, self._last_end)) * 1000
         self._last_end = now
         if duration <= 0:
             return
+        if self._log is not None:
+            self._log.write(f"{prefills} {decodes} {len(weights)} {duration:.4f}\n")
         self._busy_ms += duration
         total = sum(weights.values())
         engine_ms = self._engine_ms

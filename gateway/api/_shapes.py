@@ -368,6 +368,8 @@ class UsageRow(_Closed, kw_only=True):
     cached_tokens: Count
     completion_tokens: Count
     cost_usd: Money
+    #: Engine milliseconds (device time; CPU time on a CPU engine).
+    gpu_ms: float
 
 
 class UsageReport(_Closed):

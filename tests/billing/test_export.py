@@ -239,15 +239,30 @@ def test_focus_rows_are_charges_per_token_class() -> None:
     assert set(header) >= FOCUS_REQUIRED
     assert all(c.startswith("x_") for c in set(header) - FOCUS_REQUIRED - {"x_PriceId"})
 
-    expected_rows = sum(
-        1
+    token_rows = {
+        e.id: sum(
+            1
+            for q in quantities(
+                e.prompt_tokens, e.cached_tokens, e.completion_tokens, e.cache_tier
+            ).values()
+            if q
+        )
         for e in items
-        for q in quantities(
-            e.prompt_tokens, e.cached_tokens, e.completion_tokens, e.cache_tier
-        ).values()
-        if q
-    )
-    assert len(rows) == expected_rows
+    }
+    # Each event's engine time is one more row, in device-seconds and free.
+    device = [r for r in rows if r["x_TokenClass"] == "device_time"]
+    by_id = {e.id: e for e in items}
+    assert {r["x_RequestId"] for r in device} == {
+        e.id for e in items if e.gpu_ms and token_rows[e.id]
+    }
+    for r in device:
+        assert Decimal(r["ConsumedQuantity"]) * 1000 == Decimal(
+            repr(by_id[r["x_RequestId"]].gpu_ms)
+        )
+        assert (r["ConsumedUnit"], r["PricingUnit"]) == ("Device-Seconds", "Device-Seconds")
+        assert r["BilledCost"] == "0"
+    rows = [r for r in rows if r["x_TokenClass"] != "device_time"]
+    assert len(rows) == sum(token_rows.values())
     billed: dict[str, Decimal] = {}
     for r in rows:
         billed[r["x_RequestId"]] = billed.get(r["x_RequestId"], Decimal(0)) + Decimal(
@@ -317,6 +332,7 @@ def test_focus_without_a_price_bills_zero() -> None:
     ] == [
         ("input", "0", "0", ""),
         ("output", "0", "0", ""),
+        ("device_time", "0", "0", ""),
     ]
 
 

@@ -1,4 +1,5 @@
-"""Billing: response-cache prices, and the response-cache answers' share of each rollup.
+"""Billing: response-cache prices, the response-cache answers' share of each rollup, and the
+rollups' engine time.
 
 Revision ID: 0004
 Revises: 0003
@@ -32,11 +33,13 @@ def upgrade() -> None:
             table.add_column(sa.Column(name, sa.BigInteger(), nullable=False, server_default="0"))
         for name in ("response_input_cost", "response_output_cost"):
             table.add_column(sa.Column(name, _COST, nullable=False, server_default="0"))
+        table.add_column(sa.Column("gpu_ms", sa.Double(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("usage_rollup") as table:
         for name in (
+            "gpu_ms",
             "response_output_cost",
             "response_input_cost",
             "response_completion_tokens",
