@@ -66,6 +66,7 @@ bench: setup
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/efficiency.py
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache
