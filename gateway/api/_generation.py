@@ -32,7 +32,13 @@ from gateway.api._render import (
     usage_body,
 )
 from gateway.api._serve import api_error, json_response, outcome_of, send_error, send_json
-from gateway.cache.responses import CacheMode, CacheStatus, ResponseCache, run_streams
+from gateway.cache.responses import (
+    CacheMode,
+    CacheStatus,
+    Recording,
+    ResponseCache,
+    run_streams,
+)
 from gateway.calls import Call, Outcome
 from gateway.usage import cost_header
 from serving import (
@@ -74,6 +80,7 @@ class Generation:
         cache_key: The call's key in ``cache``.
         cache_mode: What the client allows of the cache.
         context: The engine request context (fairness group, class, prefix-cache salt).
+        recording: The call's answer, found in the response cache already (a hit).
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class Generation:
         cache_key: str | None = None,
         cache_mode: CacheMode = CacheMode.USE,
         context: RequestContext | None = None,
+        recording: Recording | None = None,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
@@ -111,17 +119,22 @@ class Generation:
         self.cache_key = cache_key
         self.cache_mode = cache_mode
         self._event_parts: tuple[bytes, bytes, bytes] | None = None
+        self.recording = recording
         # Made now, so that a request the engine cannot take fails in the route; nothing
         # reaches the engine until a stream is first advanced.
-        self._streams = [
-            cast(
-                AsyncGenerator[GenerationChunk, None],
-                engine.generate(
-                    prompt, options, f"{call.request_id}-{i}", stream=True, context=context
-                ),
-            )
-            for i, prompt in enumerate(prompts)
-        ]
+        self._streams = (
+            []
+            if recording is not None
+            else [
+                cast(
+                    AsyncGenerator[GenerationChunk, None],
+                    engine.generate(
+                        prompt, options, f"{call.request_id}-{i}", stream=True, context=context
+                    ),
+                )
+                for i, prompt in enumerate(prompts)
+            ]
+        )
 
     async def __call__(self, send: Send) -> None:
         with self.call.obs.engine_span("engine.generate"):
@@ -173,7 +186,7 @@ class Generation:
             return
         flight = None
         if self.cache_mode is CacheMode.USE:
-            recording = await cache.lookup(key)
+            recording = self.recording or await cache.lookup(key)
             if recording is not None:
                 self._settle_source(cache, CacheStatus.HIT)
                 for p, chunk in recording.items:

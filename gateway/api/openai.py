@@ -240,10 +240,10 @@ class OpenAIController(Controller):
     async def chat_completions(
         self,
         request: Request[Any, Any, Any],
-        host: NamedDependency[EngineHost],
-        settings: NamedDependency[Settings],
         services: NamedDependency[Services],
     ) -> Response[Any]:
+        # One dependency: litestar resolves several in a task group, a cost on every call.
+        host, settings = services.host, services.settings
         req = decode(await request.body(), ChatCompletionRequest)
         engine = _engine(host, req.model)
         call = _open_call(request, services, "chat", engine)
@@ -309,10 +309,10 @@ class OpenAIController(Controller):
     async def completions(
         self,
         request: Request[Any, Any, Any],
-        host: NamedDependency[EngineHost],
-        settings: NamedDependency[Settings],
         services: NamedDependency[Services],
     ) -> Response[Any]:
+        # One dependency: litestar resolves several in a task group, a cost on every call.
+        host, settings = services.host, services.settings
         req = decode(await request.body(), CompletionRequest)
         engine = _engine(host, req.model)
         call = _open_call(request, services, "text_completion", engine)
@@ -383,6 +383,9 @@ class OpenAIController(Controller):
                 prompts=prompts,
                 options=options,
             )
+        # A hit found now needs no engine request made (nor its sampling checked again: an
+        # identical request was answered).
+        recording = await cache.lookup(key) if key is not None and mode is CacheMode.USE else None
         try:  # before admission: a bad request reserves nothing
             answer = Generation(
                 flavor=flavor,
@@ -396,6 +399,7 @@ class OpenAIController(Controller):
                 cache_key=key,
                 cache_mode=mode,
                 context=context,
+                recording=recording,
             )
         except ServingError as exc:
             raise api_error(exc) from exc
@@ -437,10 +441,10 @@ class OpenAIController(Controller):
     async def embeddings(
         self,
         request: Request[Any, Any, Any],
-        host: NamedDependency[EngineHost],
-        settings: NamedDependency[Settings],
         services: NamedDependency[Services],
     ) -> Response[Any]:
+        # One dependency: litestar resolves several in a task group, a cost on every call.
+        host, settings = services.host, services.settings
         req = decode(await request.body(), EmbeddingRequest)
         engine = _engine(host, req.model)
         call = _open_call(request, services, "embeddings", engine)
