@@ -163,16 +163,23 @@ async def test_twenty_identical_requests_share_one_generation_then_hit(
     assert Decimal(shared["cost_usd"]) < Decimal(miss["cost_usd"])
 
 
-async def test_tenants_never_share_answers(
+async def test_a_tenants_keys_share_answers_and_tenants_never_do(
     gateway: Gateway, admin: Admin, http: httpx.Client
 ) -> None:
     body = chat("tenant apart " + secrets.token_hex(4))
-    keys = [admin.key(admin.tenant("apart-" + secrets.token_hex(3))) for _ in range(2)]
-    async with client(gateway, keys[0]) as first, client(gateway, keys[1]) as second:
+    tenant = admin.tenant("apart-" + secrets.token_hex(3))
+    keys = [admin.key(tenant, "one"), admin.key(tenant, "two")]
+    keys.append(admin.key(admin.tenant("apart-" + secrets.token_hex(3))))
+    async with (
+        client(gateway, keys[0]) as first,
+        client(gateway, keys[1]) as sibling,
+        client(gateway, keys[2]) as stranger,
+    ):
         assert (await answer(first, body))[1] == "miss"
         assert (await answer(first, body))[1] == "hit"
+        assert (await answer(sibling, body))[1] == "hit"  # another key of the same tenant
         before = wait_idle(http, MODEL)
-        assert (await answer(second, body))[1] == "miss"
+        assert (await answer(stranger, body))[1] == "miss"
         assert wait_idle(http, MODEL)["requests_finished"] == before["requests_finished"] + 1
 
 
