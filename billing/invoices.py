@@ -87,6 +87,9 @@ class Invoice(msgspec.Struct, frozen=True, kw_only=True):
     #: Sum of the exact amounts, not rounded.
     exact_total_usd: Decimal
     currency: str = "USD"
+    #: Engine time per model in the period, in device-seconds (CPU seconds on a CPU engine);
+    #: usage shown, not priced.
+    device_seconds: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 def period_bounds(period: str) -> tuple[datetime, datetime]:
@@ -121,7 +124,11 @@ def period_of(when: datetime) -> str:
 
 
 def build_invoice(
-    tenant_id: str, tenant_name: str, period: str, rows: Iterable[InvoiceRow]
+    tenant_id: str,
+    tenant_name: str,
+    period: str,
+    rows: Iterable[InvoiceRow],
+    device_ms: dict[str, float] | None = None,
 ) -> Invoice:
     """Merge the ledger rows into rounded line items.
 
@@ -134,6 +141,7 @@ def build_invoice(
         tenant_name: Its display name.
         period: The month, ``YYYY-MM``.
         rows: The ledger's aggregates for that tenant and month.
+        device_ms: Engine milliseconds per model in the month (`Ledger.device_ms`).
 
     Raises:
         ValueError: ``period`` is malformed, or an amount or unit price is not finite.
@@ -175,6 +183,9 @@ def build_invoice(
         lines=lines,
         total_usd=_cents(total_cents),
         exact_total_usd=exact_total,
+        device_seconds={
+            model: round(ms / 1000, 6) for model, ms in sorted((device_ms or {}).items()) if ms
+        },
     )
 
 
@@ -242,4 +253,5 @@ def invoice_to_dict(invoice: Invoice) -> dict[str, Any]:
         ],
         "total_usd": f"{invoice.total_usd:f}",
         "exact_total_usd": f"{invoice.exact_total_usd:f}",
+        "device_seconds": dict(invoice.device_seconds),
     }

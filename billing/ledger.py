@@ -502,6 +502,23 @@ class Ledger:
 
         return await self._run(work)
 
+    async def device_ms(self, tenant_id: str, start: date, end: date) -> dict[str, float]:
+        """A tenant's engine milliseconds per model between two days (as `invoice_rows`).
+
+        Raises:
+            ValueError: a bound is not a day.
+        """
+        query = (
+            select(usage_rollup.c.model, func.sum(usage_rollup.c.gpu_ms))
+            .where(*_rollup_filter(tenant_id, start, end))
+            .group_by(usage_rollup.c.model)
+        )
+
+        def work(connection: Connection) -> dict[str, float]:
+            return {model: float(ms or 0.0) for model, ms in connection.execute(query)}
+
+        return await self._run(work)
+
     async def invoice_rows(self, tenant_id: str, start: date, end: date) -> list[InvoiceRow]:
         """A tenant's usage per model, price version and token class, for `build_invoice`.
 

@@ -229,7 +229,9 @@ def _billing_invoice(args: argparse.Namespace) -> int:
             return None
         try:
             rows = await ledger.invoice_rows(tenant.id, start, end)
-            return invoice_to_dict(build_invoice(tenant.id, tenant.name, args.period, rows))
+            device_ms = await ledger.device_ms(tenant.id, start, end)
+            invoice = build_invoice(tenant.id, tenant.name, args.period, rows, device_ms)
+            return invoice_to_dict(invoice)
         finally:
             await accounts.close()
 

@@ -403,6 +403,8 @@ class Invoice(_Closed):
     lines: list[InvoiceLine]
     total_usd: Money
     exact_total_usd: Money
+    #: Engine time per model in the period (device-seconds; CPU seconds on a CPU engine).
+    device_seconds: dict[str, Annotated[float, Meta(ge=0)]]
 
 
 class DeadLetter(_Closed):

@@ -402,3 +402,28 @@ async def test_an_event_rated_otherwise_keeps_its_cost_and_is_logged(
     totals = rollup_totals(engine)
     assert totals["cost_usd"] == odd.cost_usd + unknown.cost_usd
     assert await ledger.sum_cost() == totals["cost_usd"]
+
+
+async def test_engine_time_rolls_up_onto_the_invoice(
+    ledger: Ledger, events: Events, demo_price: Price
+) -> None:
+    batch = [
+        msgspec.structs.replace(events.make(price=demo_price, tenant_id="ten_gpu"), gpu_ms=ms)
+        for ms in (12.5, 30.25, 0.125)
+    ]
+    batch.append(
+        msgspec.structs.replace(
+            events.make(price=None, tenant_id="ten_gpu", model="free", usage=(5, 0, 1)),
+            gpu_ms=1000.0,
+        )
+    )
+    await ledger.record(batch)
+    device = await ledger.device_ms("ten_gpu", date(2026, 3, 1), date(2026, 4, 1))
+    assert device == {"demo-chat": pytest.approx(42.875), "free": pytest.approx(1000.0)}
+    rows = await ledger.invoice_rows("ten_gpu", date(2026, 3, 1), date(2026, 4, 1))
+    invoice = build_invoice("ten_gpu", "GPU", "2026-03", rows, device)
+    assert invoice.device_seconds == {"demo-chat": 0.042875, "free": 1.0}
+    report = await ledger.usage(
+        tenant_id="ten_gpu", start=date(2026, 3, 1), end=date(2026, 4, 1), group_by="model"
+    )
+    assert {r["model"]: r["gpu_ms"] for r in report} == device
