@@ -73,10 +73,11 @@ def _group(request_id: str) -> str:
     return parent if sep and index.isdigit() else request_id
 
 
-class _Metering:
-    """What the two schedulers share; mixed in before vLLM's scheduler class."""
+class MeteredScheduler(Scheduler):
+    """vLLM's scheduler, metering engine time per request."""
 
-    def _init_metering(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._prefill_w, self._decode_w = step_weights()
         # Each step's prefill tokens, decode tokens and milliseconds, for measuring weights.
         log = os.environ.get("TOLLGATE_STEP_LOG")
@@ -91,14 +92,37 @@ class _Metering:
         #: not yet processed.
         self._steps: list[tuple[float, dict[str, float], int, int]] = []
 
-    def _scheduled(self, started: float, output: Any, requests: dict[str, Any]) -> None:
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        output = super().schedule(*args, **kwargs)
+        self._scheduled(started, output)
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._processed(outputs)
+        return outputs
+
+    def finish_requests(self, request_ids: Any, finished_status: Any) -> Any:
+        # Aborted (a client gone, a stop string found by the front end): forget it.
+        if request_ids is None:
+            self._engine_ms.clear()
+            self._members.clear()
+        else:
+            if not isinstance(request_ids, str):
+                request_ids = list(request_ids)  # may be a one-pass iterable
+            for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
+                self._forget(request_id)
+        return super().finish_requests(request_ids, finished_status)
+
+    def _scheduled(self, started: float, output: Any) -> None:
         counts: dict[str, int] = output.num_scheduled_tokens
         if not counts:
             return
         weights = {}
         prefills = decodes = 0
         for request_id, n in counts.items():
-            request = requests.get(request_id)
+            request = self.requests.get(request_id)
             prefill = 0
             if request is not None:
                 before = request.num_computed_tokens - n
@@ -137,9 +161,8 @@ class _Metering:
                 params[BUSY_MS] = self._busy_ms
                 out.kv_transfer_params = params
         # Requests that finished (or were aborted) in this step: nothing more to report.
-        live = self._live()
         for request_id in weights:
-            if request_id not in live:
+            if request_id not in self.requests:
                 self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
@@ -152,73 +175,7 @@ class _Metering:
             del self._members[group]
         self._engine_ms.pop(group, None)
 
-    def _live(self) -> Any:
-        raise NotImplementedError
 
-
-class MeteredScheduler(_Metering, Scheduler):
-    """vLLM's scheduler, metering engine time per request."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_metering()
-
-    def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = super().schedule(*args, **kwargs)
-        self._scheduled(started, output, self.requests)
-        return output
-
-    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._processed(outputs)
-        return outputs
-
-    def _live(self) -> Any:
-        return self.requests
-
-    def finish_requests(self, request_ids: Any, finished_status: Any) -> Any:
-        # Aborted (a client gone, a stop string found by the front end): forget it.
-        if request_ids is None:
-            self._engine_ms.clear()
-            self._members.clear()
-        else:
-            if not isinstance(request_ids, str):
-                request_ids = list(request_ids)  # may be a one-pass iterable
-            for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
-                self._forget(request_id)
-        return super().finish_requests(request_ids, finished_status)
-
-
-class MeteredAsyncScheduler(_Metering, AsyncScheduler):
-    """vLLM's async scheduler (GPUs), metering engine time per request."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_metering()
-
-    def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        output = super().schedule(*args, **kwargs)
-        self._scheduled(started, output, self.requests)
-        return output
-
-    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self._processed(outputs)
-        return outputs
-
-    def _live(self) -> Any:
-        return self.requests
-
-    def finish_requests(self, request_ids: Any, finished_status: Any) -> Any:
-        # Aborted (a client gone, a stop string found by the front end): forget it.
-        if request_ids is None:
-            self._engine_ms.clear()
-            self._members.clear()
-        else:
-            if not isinstance(request_ids, str):
-                request_ids = list(request_ids)  # may be a one-pass iterable
-            for request_id in (request_ids,) if isinstance(request_ids, str) else request_ids:
-                self._forget(request_id)
-        return super().finish_requests(request_ids, finished_status)
+class MeteredAsyncScheduler(MeteredScheduler, AsyncScheduler):
+    """vLLM's async scheduler (GPUs), metering engine time per request: the same metering,
+    with ``AsyncScheduler`` after it in the method order (it subclasses ``Scheduler``)."""
