@@ -186,7 +186,7 @@ class Generation:
             return
         flight = None
         if self.cache_mode is CacheMode.USE:
-            recording = self.recording or await cache.lookup(key)
+            recording = self.recording  # looked up by the route, before admission
             if recording is not None:
                 self._settle_source(cache, CacheStatus.HIT)
                 for p, chunk in recording.items:
