@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -39,11 +39,12 @@ from gateway.db import AccountStore
 from gateway.settings import Settings
 from serving import EngineHost, GenerationEngine, Priority, RequestContext
 
-__all__ = ["PolicyError", "ServingControl", "ServingPolicy", "merge_patch"]
+__all__ = ["PolicyError", "ServingControl", "ServingPatch", "ServingPolicy", "merge_patch"]
 
 logger = logging.getLogger(__name__)
 
 _Weight = Annotated[float, msgspec.Meta(gt=0, le=1000)]
+_T = TypeVar("_T")
 
 
 class CachePolicy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -74,12 +75,27 @@ class ServingPolicy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     keys: dict[str, Share] = msgspec.field(default_factory=dict)
 
 
+class ServingPatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A JSON merge patch of the policy (the body of ``PATCH``): ``null`` removes a field (back
+    to its default) or a whole model, tenant or key entry."""
+
+    cache: CachePolicy | None = None
+    queue: QueuePolicy | None = None
+    models: dict[str, QueuePolicy | None] | None = None
+    tenants: dict[str, Share | None] | None = None
+    keys: dict[str, Share | None] | None = None
+
+
 class PolicyError(ValueError):
     """A document or a patch that is not a valid serving policy (the message says why)."""
 
 
-#: Requests that may wait for one engine, unless the policy says otherwise.
-DEFAULT_MAX_QUEUED = 1024
+def _first(*values: _T | None) -> _T:
+    """The first value that is set (the last one always is)."""
+    for value in values:
+        if value is not None:
+            return value
+    raise ValueError("no value set")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -129,6 +145,8 @@ class ServingControl:
         self.policy = ServingPolicy()
         self._task: asyncio.Task[None] | None = None
         self._salts: dict[str, str] = {}
+        #: The models shared across tenants unless the policy says otherwise (the settings').
+        self._default_shared = cache.shared_models
 
     async def start(self) -> None:
         """Load and apply the stored policy (a broken one is logged and left unapplied), then
@@ -212,45 +230,30 @@ class ServingControl:
         return patch
 
     def _apply(self, version: int, document: dict[str, Any], policy: ServingPolicy) -> None:
-        settings, cache = self.settings, self.cache
-        cache.enabled = settings.cache if policy.cache.enabled is None else policy.cache.enabled
-        cache.ttl_s = settings.cache_ttl_s if policy.cache.ttl_s is None else policy.cache.ttl_s
-        max_mb = settings.cache_max_mb if policy.cache.max_mb is None else policy.cache.max_mb
-        cache.store.max_bytes = int(max_mb * 1024 * 1024)
-        if policy.cache.shared_models is not None:
-            shared = policy.cache.shared_models
-        else:
-            shared = [n.strip() for n in settings.cache_shared_models.split(",") if n.strip()]
-        cache.shared_models = frozenset(
-            spec.name for name in shared if (spec := self.host.catalog.get(name)) is not None
+        settings, cache, rules = self.settings, self.cache, policy.cache
+        cache.enabled = _first(rules.enabled, settings.cache)
+        cache.ttl_s = _first(rules.ttl_s, settings.cache_ttl_s)
+        cache.store.max_bytes = int(_first(rules.max_mb, settings.cache_max_mb) * 1024 * 1024)
+        cache.shared_models = (
+            self._default_shared
+            if rules.shared_models is None
+            else frozenset(
+                spec.name
+                for name in rules.shared_models
+                if (spec := self.host.catalog.get(name)) is not None
+            )
         )
         for engine in self.host.engines():
             queue = getattr(engine, "queue", None)
             if queue is None or not isinstance(engine, GenerationEngine):
                 continue
-            own = self._model_queue(policy, engine.name)
-            queue.max_queued = (
-                own.max_queued
-                if own.max_queued is not None
-                else policy.queue.max_queued
-                if policy.queue.max_queued is not None
-                else DEFAULT_MAX_QUEUED
+            # Stored documents name models as the catalog does (see `_canonical`).
+            own = policy.models.get(engine.name, QueuePolicy())
+            queue.max_queued = _first(
+                own.max_queued, policy.queue.max_queued, queue.default_max_queued
             )
-            queue.slots = (
-                own.slots
-                if own.slots is not None
-                else policy.queue.slots
-                if policy.queue.slots is not None
-                else engine.spec.engine.max_num_seqs or 256
-            )
+            queue.slots = _first(own.slots, policy.queue.slots, queue.default_slots)
         self.version, self.document, self.policy = version, document, policy
-
-    def _model_queue(self, policy: ServingPolicy, model: str) -> QueuePolicy:
-        for name, queue in policy.models.items():
-            spec = self.host.catalog.get(name)
-            if spec is not None and spec.name == model:
-                return queue
-        return QueuePolicy()
 
     def effective(self) -> dict[str, Any]:
         """The policy in force, every default filled in (what ``GET`` answers)."""

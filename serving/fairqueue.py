@@ -102,6 +102,8 @@ class FairQueue:
     def __init__(self, slots: int, max_queued: int, reserve: int | None = None) -> None:
         self._slots = max(slots, 1)
         self.max_queued = max(max_queued, 0)
+        #: The bounds it was made with, which a policy that sets none goes back to.
+        self.default_slots, self.default_max_queued = self._slots, self.max_queued
         #: Slots above ``slots`` for groups under their share (default a quarter, at least 2).
         self.reserve = max(2, self._slots // 4) if reserve is None else max(reserve, 0)
         self.running = 0

@@ -48,7 +48,7 @@ from gateway.errors import (
     PermissionDenied,
     error_response,
 )
-from gateway.policy import PolicyError
+from gateway.policy import PolicyError, ServingPatch
 from gateway.services import Services
 
 __all__ = ["AdminController", "caller", "operator_only", "require_admin"]
@@ -76,35 +76,6 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Unix seconds or an RFC 3339 time.
     expires_at: int | datetime | None = None
     role: Literal["user", "admin"] = "user"
-
-
-class _CachePatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    enabled: bool | None = None
-    ttl_s: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] | None = None
-    max_mb: Annotated[float, msgspec.Meta(gt=0, le=1024 * 1024)] | None = None
-    shared_models: list[str] | None = None
-
-
-class _QueuePatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    slots: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
-    max_queued: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
-
-
-class _SharePatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] | None = None
-    priority: Literal["interactive", "batch"] | None = None
-    isolate_prefix: bool | None = None
-
-
-class ServingPatch(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """A JSON merge patch of the serving policy: ``null`` removes a field (back to its
-    default) or a whole model, tenant or key entry."""
-
-    cache: _CachePatch | None = None
-    queue: _QueuePatch | None = None
-    models: dict[str, _QueuePatch | None] | None = None
-    tenants: dict[str, _SharePatch | None] | None = None
-    keys: dict[str, _SharePatch | None] | None = None
 
 
 class QuotaPut(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -161,9 +161,6 @@ class Flight:
         self.done = False
         self.error: ServingError | None = None
         self.followers = 0
-        #: Callers that joined after the first.
-        self.joined = 0
-        self.started = time.monotonic()
         self._changed = asyncio.Event()
         self._streams = streams
         self._on_done = on_done
@@ -290,7 +287,6 @@ class ResponseCache:
         flight = self.flights.get(key)
         if flight is None or (flight.done and not flight.complete):
             return None
-        flight.joined += 1
         return flight
 
     def start(
