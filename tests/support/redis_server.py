@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import redis
+
 __all__ = ["RedisServer", "redis_server"]
 
 FALLBACK_BINARY = "/usr/bin/redis-server"
@@ -148,6 +150,14 @@ class RedisServer:
         if self._process is not None and self._paused:
             self._process.send_signal(signal.SIGCONT)
         self._paused = False
+
+    def fresh(self) -> str:
+        """Running, answering and empty (whatever an earlier test did to it); its URL."""
+        self.resume()
+        self.start()
+        with redis.Redis.from_url(self.url) as client:
+            client.flushall()
+        return self.url
 
     def _answers_ping(self) -> bool:
         try:

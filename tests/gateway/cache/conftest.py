@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
-import redis.asyncio
 
 from gateway.cache import CacheStore, MemoryCacheStore, RedisCacheStore
 from tests.support.redis_server import RedisServer
@@ -28,14 +27,7 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFacto
     url = ""
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("cache_redis")
-        server.resume()
-        server.start()
-        url = server.url
-        client = redis.asyncio.Redis.from_url(url)
-        try:
-            await client.flushall()
-        finally:
-            await client.aclose()
+        url = server.fresh()
 
     def make(max_bytes: int) -> CacheStore:
         store: CacheStore

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
-import redis.asyncio
 
 from gateway.quotas import MemoryQuotaStore, QuotaStore, RedisQuotaStore
 from tests.support.redis_server import RedisServer
@@ -31,14 +30,7 @@ async def store_factory(request: pytest.FixtureRequest) -> AsyncIterator[StoreFa
     url = ""
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
-        server.resume()
-        server.start()
-        url = server.url
-        client = redis.asyncio.Redis.from_url(url)
-        try:
-            await client.flushall()
-        finally:
-            await client.aclose()
+        url = server.fresh()
 
     async def make(window_s: int) -> QuotaStore:
         store: QuotaStore
