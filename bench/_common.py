@@ -1,15 +1,20 @@
-"""What the benchmarks share: percentiles, free ports and a throwaway Redis."""
+"""What the benchmarks share: percentiles, free ports, a throwaway Redis, and the servers of
+``bench/gateway.py``."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,3 +58,20 @@ def redis_url(*server_args: str, db: int = 0) -> Iterator[str]:
         proc.terminate()
         proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_servers() -> ModuleType:
+    """``bench/gateway.py``, whose helpers start ``tollgate serve`` and vLLM's server (loaded by
+    path: its module name, ``gateway``, is the package's)."""
+    loaded = sys.modules.get("bench_servers")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location(
+        "bench_servers", Path(__file__).parent / "gateway.py"
+    )
+    if spec is None or spec.loader is None:
+        raise SystemExit("bench/gateway.py is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_servers"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import random
 import statistics
@@ -48,18 +47,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import percentile  # noqa: E402 (bench/ is the script's folder)
+from _common import bench_servers, percentile  # noqa: E402 (bench/ is the script's folder)
 
 from serving.demo import prepare_demo_models  # noqa: E402 (after the path is set)
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_servers", Path(__file__).parent / "gateway.py"
-)
-if _spec is None or _spec.loader is None:
-    raise SystemExit("bench/gateway.py is missing")
-servers = importlib.util.module_from_spec(_spec)
-sys.modules["bench_servers"] = servers
-_spec.loader.exec_module(servers)
+servers = bench_servers()
 
 MODEL = "demo-chat"
 CONCURRENCY = 32

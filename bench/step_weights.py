@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
 import sys
 import tempfile
@@ -27,16 +26,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import bench_servers  # noqa: E402 (bench/ is the script's folder)
+
 from serving.demo import prepare_demo_models  # noqa: E402 (after the path is set)
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_servers", Path(__file__).parent / "gateway.py"
-)
-if _spec is None or _spec.loader is None:
-    raise SystemExit("bench/gateway.py is missing")
-servers = importlib.util.module_from_spec(_spec)
-sys.modules["bench_servers"] = servers
-_spec.loader.exec_module(servers)
+servers = bench_servers()
 
 MODEL = "demo-chat"
 
