@@ -41,12 +41,26 @@ from gateway.services import Services
 from gateway.settings import Settings, SettingsError
 from gateway.telemetry import Telemetry, setup_telemetry
 from gateway.usage import UsageRecorder
-from serving import EngineHost, load_catalog
+from serving import Catalog, EngineHost, load_catalog
 from serving.progress import Progress
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
+
+
+def host_for(
+    settings: Settings, catalog: Catalog, *, progress: Progress | None = None
+) -> EngineHost:
+    """The engines of ``catalog`` on this process's device, as the settings size them."""
+    return EngineHost(
+        catalog,
+        ready_wait_s=settings.engine_wait_s,
+        progress=progress,
+        budget_gb=settings.device_memory_gb,
+        cold_start_timeout_s=settings.cold_start_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
+    )
 
 
 def create_app(
@@ -72,10 +86,8 @@ def create_app(
     admin_token = check_admin_token(settings.admin_token) if settings.auth else ""
     secret = load_secret(settings)
     if host is None:
-        host = EngineHost(
-            load_catalog(settings.models_path, settings.data_path),
-            ready_wait_s=settings.engine_wait_s,
-            progress=progress,
+        host = host_for(
+            settings, load_catalog(settings.models_path, settings.data_path), progress=progress
         )
     shared_models = []
     for name in filter(None, (n.strip() for n in settings.cache_shared_models.split(","))):
@@ -112,7 +124,12 @@ def create_app(
             return
         exc = task.exception()
         if exc is None:
-            logger.info("all models ready: %s", ", ".join(s.name for s in host.catalog))
+            rows = host.pool.status()
+            logger.info(
+                "models ready: %s; cold until asked for: %s",
+                ", ".join(r.name for r in rows if r.state == "ready") or "none",
+                ", ".join(r.name for r in rows if r.state != "ready") or "none",
+            )
             if on_ready is not None:
                 on_ready()
             return

@@ -68,10 +68,10 @@ class _ProgressLines:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_app, host_for
     from gateway.credentials import check_admin_token
     from gateway.settings import Settings, SettingsError
-    from serving import CatalogError, EngineHost, load_catalog
+    from serving import CatalogError, load_catalog
     from serving.progress import EngineLogWatcher
 
     try:
@@ -115,7 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.auth:  # refused before anything else is looked at
             check_admin_token(settings.admin_token)
         catalog = load_catalog(settings.models_path, settings.data_path)
-        host = EngineHost(catalog, ready_wait_s=settings.engine_wait_s, progress=progress)
+        host = host_for(settings, catalog, progress=progress)
         app = create_app(settings, host=host, on_ready=on_ready, on_startup_failure=on_failure)
     except (CatalogError, SettingsError) as exc:
         print(f"tollgate: {exc}", file=console)

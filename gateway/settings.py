@@ -68,6 +68,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     migrate: bool = True
     #: How long a request waits for an engine that is restarting before it gets 503.
     engine_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    #: The device's memory for models, in GiB (weights plus KV budgets); unset: measured
+    #: (a GPU's total memory, or the host's available memory on a CPU).
+    device_memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: How long a request waits for its model to be brought onto the device before 503.
+    cold_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    #: Models without requests for this long leave the device (sleep on GPUs, stop on
+    #: CPUs), unless pinned; unset: they stay. A model's catalog entry may set its own.
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     #: Where ``tollgate serve`` sends the engines' own output (``-``: leave it on the
     #: console); unset: ``logs/engines.log`` under the data dir.
     engine_log: str | None = None

@@ -75,6 +75,13 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     kind: ModelKind = "chat"
     aliases: tuple[str, ...] = ()
     engine: EngineOptions = msgspec.field(default_factory=EngineOptions)
+    #: Its footprint on the device in GiB (weights plus KV budget) until it is measured
+    #: after its first start; unset: estimated from the weights' files and ``kv_cache_gb``.
+    memory_gb: float | None = None
+    #: Never taken off the device to make room or for being idle.
+    pin: bool = False
+    #: Taken off the device after this long without requests; unset: the pool's default.
+    idle_timeout_s: float | None = None
     #: Filled in by :func:`load_catalog`: an absolute path, or the hub id as written.
     resolved_source: str = ""
 

@@ -25,6 +25,7 @@ from serving.catalog import ModelSpec
 
 if TYPE_CHECKING:
     from serving.fairqueue import RequestContext
+    from serving.pool import ModelPool
 
 __all__ = [
     "ChoiceDelta",
@@ -144,6 +145,8 @@ class GenerationChunk(msgspec.Struct):
     engine_ms: float | None = None
     #: Milliseconds the request waited in the engine's admission queue.
     queue_ms: float = 0.0
+    #: Milliseconds it waited for its model to be brought onto the device (0: resident).
+    cold_start_ms: float = 0.0
 
 
 class EmbeddingBatch(msgspec.Struct):
@@ -151,25 +154,31 @@ class EmbeddingBatch(msgspec.Struct):
     vectors: list[bytes]
     dimensions: int
     prompt_tokens: int
+    #: Milliseconds it waited for its model to be brought onto the device (0: resident).
+    cold_start_ms: float = 0.0
 
 
 class EngineState(enum.StrEnum):
-    """Where an engine is in its life."""
+    """Where an engine is in its life (see `serving.pool` for the switches between them)."""
 
-    #: Starting for the first time, or again after a crash.
+    #: Not started, or stopped (to make room, for being idle, at shutdown).
+    COLD = "cold"
+    #: Starting (first time, on demand, or again after a crash).
     STARTING = "starting"
     READY = "ready"
-    #: Its process died; a restart is scheduled (after a backoff).
-    FAILED = "failed"
+    #: Weights offloaded to host memory, KV cache dropped (vLLM's sleep mode, GPUs).
+    SLEEPING = "sleeping"
+    WAKING = "waking"
     STOPPING = "stopping"
-    STOPPED = "stopped"
+    #: Its process died (a restart is scheduled, after a backoff), or its start failed.
+    FAILED = "failed"
 
 
 class EngineStats(msgspec.Struct):
     """What the engine's scheduler last reported, plus high-water marks since start."""
 
     ready: bool = False
-    state: EngineState = EngineState.STOPPED
+    state: EngineState = EngineState.COLD
     #: Restarts after a crash since the process started.
     restarts: int = 0
     #: Why the engine last failed (the error's class and message).
@@ -197,6 +206,9 @@ class ModelEngine(abc.ABC):
     """One model served by one engine."""
 
     spec: ModelSpec
+    #: The device's pool, which brings the model in when a request needs it (none: the
+    #: engine is started and stopped by its owner alone).
+    pool: ModelPool | None = None
 
     @property
     def name(self) -> str:
@@ -208,7 +220,33 @@ class ModelEngine(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None:
-        """Stop the engine and its processes."""
+        """Stop the engine and its processes (it may be started again)."""
+
+    def load_tokenizer(self) -> None:  # noqa: B027 (engines that need no tokenizer)
+        """Load the tokenizer and chat template, and read the model's limits, without the
+        engine, so that requests can be checked before anything starts. Blocking."""
+
+    @property
+    def supervised(self) -> bool:
+        """Started and watched: a crash is restarted by the engine's own supervisor."""
+        return False
+
+    @property
+    def can_sleep(self) -> bool:
+        """Whether `sleep` can take it off the device (vLLM's sleep mode, where enabled)."""
+        return False
+
+    async def sleep(self) -> None:
+        """Free its device memory but keep the process (weights to host memory)."""
+        raise NotImplementedError
+
+    async def wake(self) -> None:
+        """Undo `sleep`."""
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int | None:
+        """What its processes take in host memory (``None`` on devices with their own)."""
+        return None
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:

@@ -1,4 +1,4 @@
-"""Every engine of one process: started together, looked up by model name, stopped together."""
+"""Every engine of one process: looked up by model name, resident as its device's pool decides."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import time
 from collections.abc import Callable
 
 from serving.catalog import Catalog, ModelSpec
-from serving.engine import EmbeddingEngine, EngineStats, GenerationEngine, ModelEngine
+from serving.engine import (
+    EmbeddingEngine,
+    EngineState,
+    EngineStats,
+    GenerationEngine,
+    ModelEngine,
+)
+from serving.pool import ModelPool
 from serving.progress import Progress
 
 __all__ = ["EngineHost", "make_engine", "settle_process"]
@@ -49,13 +56,21 @@ def settle_process() -> None:
 
 
 class EngineHost:
-    """The co-located engines of one process, sharing its event loop.
+    """The co-located engines of one process (one device), sharing its event loop.
+
+    The device's `ModelPool` decides which models are resident: at start-up what fits its
+    memory budget starts, pinned models first; the others start when a request needs them.
+    Every model's tokenizer is loaded at start-up, resident or not.
 
     Args:
         catalog: The models to serve.
         ready_wait_s: How long a request waits for an engine that is restarting.
         progress: Told ``(model, phase)`` as each engine starts: ``starting``, ``ready``
-            (or ``failed``).
+            (or ``failed``); ``cold`` for a model left out at start-up.
+        budget_gb: The device's memory for models (``None``: measured).
+        cold_start_timeout_s: How long a request waits for its model to be brought in.
+        idle_timeout_s: Models unused this long are taken off the device (``None``: never,
+            unless their catalog entry says otherwise).
     """
 
     def __init__(
@@ -64,6 +79,9 @@ class EngineHost:
         *,
         ready_wait_s: float = 10.0,
         progress: Progress | None = None,
+        budget_gb: float | None = None,
+        cold_start_timeout_s: float = 120.0,
+        idle_timeout_s: float | None = None,
     ) -> None:
         # Weights come from disk, never from the network, unless the operator says otherwise.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,60 +91,56 @@ class EngineHost:
         self.progress = progress
         # Nothing to split the cores for without engines (and no thread to pin).
         self._cpus = cpus = configure_cpu_binding() if catalog.models else None
-        self._started = False
         self._engines: dict[str, ModelEngine] = {
             spec.name: make_engine(
                 spec, cpus, ready_wait_s=ready_wait_s, on_ready=self._engine_ready
             )
             for spec in catalog
         }
+        self.pool = ModelPool(
+            list(self._engines.values()),
+            budget_gb=budget_gb,
+            cold_start_timeout_s=cold_start_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            progress=progress,
+        )
+        self._settled = False
+        #: Start-up is done: the models that fit are resident.
+        self.started = False
 
     def _engine_ready(self) -> None:
-        # After a restart: the new engine processes leave the event loop's core too. (The
-        # first start pins them all at once, when every engine is up.)
-        if self._started:
-            from serving.vllm_engine import pin_engine_processes
-
-            pin_engine_processes(self._cpus)
-
-    async def start(self) -> None:
-        """Start every engine side by side; if one fails, stop the others and raise."""
-        started = time.perf_counter()
-        results = await asyncio.gather(
-            *(self._start_one(engine) for engine in self._engines.values()),
-            return_exceptions=True,
-        )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            await self.shutdown()
-            raise failures[0]
+        # Every start (at start-up, on demand, after a crash): the new engine processes
+        # leave the event loop's core.
         from serving.vllm_engine import pin_engine_processes
 
         pin_engine_processes(self._cpus)
-        self._started = True
-        settle_process()
-        logger.info(
-            "started %d engine(s) in %.1f s", len(self._engines), time.perf_counter() - started
-        )
 
-    async def _start_one(self, engine: ModelEngine) -> None:
-        began = time.perf_counter()
-        if self.progress is not None:
-            self.progress(engine.name, "starting")
+    async def start(self) -> None:
+        """Load every tokenizer, then start what fits the device; if a start fails, stop
+        the others and raise."""
+        started = time.perf_counter()
+        for engine in self._engines.values():
+            await asyncio.to_thread(engine.load_tokenizer)
         try:
-            await engine.start()
+            await self.pool.start()
         except BaseException:
-            if self.progress is not None:
-                self.progress(engine.name, "failed")
+            await self.shutdown()
             raise
-        if self.progress is not None:
-            self.progress(engine.name, "ready")
-        logger.debug("engine %s ready in %.1f s", engine.name, time.perf_counter() - began)
+        if not self._settled:
+            self._settled = True
+            settle_process()
+        self.started = True
+        resident = [s.name for s in self.pool.status() if s.state == "ready"]
+        logger.info(
+            "started %d of %d engine(s) in %.1f s",
+            len(resident),
+            len(self._engines),
+            time.perf_counter() - started,
+        )
 
     async def shutdown(self) -> None:
-        await asyncio.gather(
-            *(engine.shutdown() for engine in self._engines.values()), return_exceptions=True
-        )
+        self.started = False
+        await self.pool.shutdown()
 
     def engines(self) -> list[ModelEngine]:
         """Every engine, in catalog order."""
@@ -154,4 +168,9 @@ class EngineHost:
 
     @property
     def ready(self) -> bool:
-        return all(s.ready for s in self.stats().values())
+        """Every model either takes requests or waits to be brought in on demand."""
+        return all(s.ready or s.state in _ON_DEMAND for s in self.stats().values())
+
+
+#: States of a model that a request brings in (not a failure).
+_ON_DEMAND = frozenset({EngineState.COLD, EngineState.SLEEPING, EngineState.WAKING})

@@ -9,10 +9,10 @@ starts keep failing. Requests that arrive meanwhile wait for it a bounded time
 
 States (`serving.engine.EngineState`)::
 
-    stopped ──start──► starting ──ok──► ready ──dies──► failed ──backoff──► starting
+    cold ──start──► starting ──ok──► ready ──dies──► failed ──backoff──► starting
                            │                                                  │
                            └──fails (first start): raised to the caller       └──fails: failed
-    any ──shutdown──► stopping ──► stopped
+    any ──shutdown──► stopping ──► cold   (and ``start`` again: a model pool's switch)
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Supervisor:
         self._backoff_s = backoff_s
         self._max_backoff_s = max(max_backoff_s, backoff_s)
         self._poll_s = poll_s
-        self.state = EngineState.STOPPED
+        self.state = EngineState.COLD
         self.restarts = 0
         self.last_error: str | None = None
         #: How long the last successful start took (the estimate of the next one).
@@ -98,6 +98,11 @@ class Supervisor:
             self._watch(), name=f"supervise-{self.name}"
         )
 
+    @property
+    def watching(self) -> bool:
+        """Whether it watches a started engine (and restarts it should it die)."""
+        return self._watcher is not None and not self._watcher.done()
+
     def notice_failure(self) -> None:
         """A request saw the engine die: check now instead of at the next poll."""
         self._wakeup.set()
@@ -119,7 +124,7 @@ class Supervisor:
         """
         if self.state is EngineState.READY:
             return
-        if self.state in (EngineState.STOPPING, EngineState.STOPPED) or timeout_s <= 0:
+        if self.state in (EngineState.STOPPING, EngineState.COLD) or timeout_s <= 0:
             raise self._not_ready()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
@@ -143,14 +148,14 @@ class Supervisor:
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
         await self._stop()
-        self._set(EngineState.STOPPED)
+        self._set(EngineState.COLD)
 
     def _not_ready(self) -> EngineNotReady:
         what = {
             EngineState.STARTING: "is starting" if self.restarts == 0 else "is restarting",
             EngineState.FAILED: "failed and is being restarted",
             EngineState.STOPPING: "is shutting down",
-            EngineState.STOPPED: "is not running",
+            EngineState.COLD: "is not loaded",
         }.get(self.state, "is not ready")
         return EngineNotReady(
             f"The model `{self.name}` {what}; please retry shortly.",

@@ -32,6 +32,7 @@ from serving.engine import (
     EmbeddingEngine,
     EngineDead,
     EngineNotReady,
+    EngineState,
     EngineStats,
     GenerationChunk,
     GenerationEngine,
@@ -186,6 +187,9 @@ class _VllmEngine(ModelEngine):
         self._fast: Any = None
         self._template: Any = None
         self._template_tokens: dict[str, Any] = {}
+        #: Asleep (or waking) in vLLM's sleep mode; ``None`` when awake or not started.
+        self._sleep_state: EngineState | None = None
+        self._sleep_mode = False
 
     def _engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -223,6 +227,8 @@ class _VllmEngine(ModelEngine):
                     "crashes the engine)"
                 )
             kwargs["enable_chunked_prefill"] = False
+        if self.pool is not None and self.pool.can_sleep:
+            kwargs["enable_sleep_mode"] = self._sleep_mode = True
         if self._runner == "generate":
             # Engine time per request (serving.metering); GPUs schedule asynchronously.
             sync = _on_cpu() or opts.extra.get("async_scheduling") is False
@@ -267,16 +273,89 @@ class _VllmEngine(ModelEngine):
         # so several engines start side by side and the event loop stays responsive.
         llm = await asyncio.to_thread(construct)
         self._llm = llm
-        if self._tokenizer is None:  # the same model after a restart: keep what we have
+        self._sleep_state = None
+        if self._tokenizer is None:  # loaded before (load_tokenizer) or at an earlier start
             self._tokenizer = llm.get_tokenizer()
             self._prepare_tokenizer(self._tokenizer)
-            self._max_model_len = llm.model_config.max_model_len
-            self._vocab_size = llm.model_config.get_vocab_size()
-            if self._runner == "pooling":
-                self._dimensions = int(llm.model_config.embedding_size)
+        # The engine's own figures win over what was read from the model's files.
+        self._max_model_len = llm.model_config.max_model_len
+        self._vocab_size = llm.model_config.get_vocab_size()
+        if self._runner == "pooling":
+            self._dimensions = int(llm.model_config.embedding_size)
+
+    def load_tokenizer(self) -> None:
+        if self._tokenizer is not None:
+            return
+        from transformers import AutoConfig
+        from vllm.tokenizers.registry import get_tokenizer
+
+        source = self.spec.resolved_source
+        trust = bool(self.spec.engine.extra.get("trust_remote_code", False))
+        tokenizer = get_tokenizer(source, runner_type=self._runner, trust_remote_code=trust)
+        text = AutoConfig.from_pretrained(source, trust_remote_code=trust).get_text_config()
+        self._vocab_size = int(text.vocab_size)
+        longest = int(getattr(text, "max_position_embeddings", 0) or 0)
+        self._max_model_len = self.spec.engine.max_model_len or longest
+        if self._runner == "pooling":
+            self._dimensions = int(getattr(text, "hidden_size", 0) or 0)
+        self._prepare_tokenizer(tokenizer)
+        self._tokenizer = tokenizer
+
+    @property
+    def state(self) -> EngineState:
+        return self._sleep_state or self.supervisor.state
+
+    @property
+    def supervised(self) -> bool:
+        return self.supervisor.watching
+
+    @property
+    def can_sleep(self) -> bool:
+        return self._sleep_mode and self._sleep_state is None and self.supervisor.state == "ready"
+
+    async def sleep(self) -> None:
+        llm = self._llm
+        if llm is None:
+            raise EngineNotReady(f"The model `{self.name}` is not running.")
+        self._sleep_state = EngineState.SLEEPING
+        try:
+            await llm.sleep(level=1)
+        except BaseException:
+            self._sleep_state = None
+            raise
+
+    async def wake(self) -> None:
+        llm = self._llm
+        if llm is None or self._sleep_state is None:
+            return
+        self._sleep_state = EngineState.WAKING
+        try:
+            await llm.wake_up()
+        except BaseException:
+            self._sleep_state = EngineState.SLEEPING
+            raise
+        self._sleep_state = None
+
+    def memory_bytes(self) -> int | None:
+        """The proportional memory (PSS) of the engine's processes, on a CPU host."""
+        if not _on_cpu() or self._llm is None:
+            return None
+        import psutil
+
+        manager = getattr(getattr(self._llm.engine_core, "resources", None), "engine_manager", None)
+        total = 0
+        for process in getattr(manager, "processes", None) or []:
+            try:
+                root = psutil.Process(process.pid)
+                for proc in (root, *root.children(recursive=True)):
+                    total += proc.memory_full_info().pss
+            except psutil.Error:
+                continue
+        return total or None
 
     async def _stop(self) -> None:
         llm, self._llm = self._llm, None
+        self._sleep_state = None
         if llm is not None:
             try:
                 await asyncio.to_thread(llm.shutdown)
@@ -295,7 +374,7 @@ class _VllmEngine(ModelEngine):
         if supervisor.state == "ready" and self._is_dead():
             supervisor.notice_failure()
         stats = self._stats
-        stats.state = supervisor.state
+        stats.state = self.state
         stats.ready = supervisor.state == "ready" and not self._is_dead()
         stats.restarts = supervisor.restarts
         stats.last_error = supervisor.last_error
@@ -355,8 +434,11 @@ class _VllmEngine(ModelEngine):
             raise EngineNotReady(f"The model `{self.spec.name}` is not ready; please retry.")
         return self._tokenizer
 
-    async def _engine(self) -> AsyncLLM:
-        """The running engine, waiting a bounded time for one that is (re)starting."""
+    async def _engine(self) -> tuple[AsyncLLM, float]:
+        """The running engine, brought onto the device by the pool when it is not there,
+        waiting a bounded time for one that is restarting; and the milliseconds the
+        request waited for its model to be brought in."""
+        cold_ms = await self.pool.bring_in(self) if self.pool is not None else 0.0
         await self.supervisor.wait_ready(self.ready_wait_s)
         llm = self._llm
         if llm is None or llm.errored:
@@ -365,7 +447,7 @@ class _VllmEngine(ModelEngine):
                 f"The model `{self.spec.name}` is restarting; please retry shortly.",
                 retry_after_s=self.supervisor.retry_after_s(),
             )
-        return llm
+        return llm, cold_ms
 
     def _died(self, exc: BaseException) -> EngineDead:
         self.supervisor.mark_error(exc)
@@ -465,6 +547,11 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
         self.check_prompt(prompt, options.max_tokens)
+        if options.logit_bias and max(options.logit_bias) >= self._vocab_size:
+            raise InvalidPrompt(
+                f"logit_bias token ids must lie in [0, {self._vocab_size}) for this model",
+                param="logit_bias",
+            )
         copies = 1
         if options.n > 1 and options.temperature is not None and options.temperature < 1e-5:
             # Greedy choices are all the same, and vLLM refuses n > 1 for them: run one
@@ -484,17 +571,27 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         copies: int,
         context: RequestContext,
     ) -> AsyncIterator[GenerationChunk]:
-        llm = await self._engine()
-        queue_ms = await self.queue.acquire(context, len(prompt)) * 1000
+        pool = self.pool
+        if pool is not None:
+            pool.enter(self)  # in flight from now on: the pool will not take the model out
+        tokens = len(prompt)
         try:
-            async with contextlib.aclosing(
-                self._stream(llm, prompt, params, request_id, logprobs, copies, context)
-            ) as chunks:
-                async for chunk in chunks:
-                    chunk.queue_ms = queue_ms
-                    yield chunk
+            llm, cold_ms = await self._engine()
+            queue_ms = await self.queue.acquire(context, len(prompt)) * 1000
+            try:
+                async with contextlib.aclosing(
+                    self._stream(llm, prompt, params, request_id, logprobs, copies, context)
+                ) as chunks:
+                    async for chunk in chunks:
+                        chunk.queue_ms = queue_ms
+                        chunk.cold_start_ms = cold_ms
+                        tokens += sum(c.num_tokens for c in chunk.choices)
+                        yield chunk
+            finally:
+                self.queue.release(context)
         finally:
-            self.queue.release(context)
+            if pool is not None:
+                pool.leave(self, tokens)
 
     async def _stream(
         self,
@@ -589,12 +686,22 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
         return self._dimensions
 
     async def embed(self, inputs: Sequence[list[int]], request_id: str) -> EmbeddingBatch:
+        for ids in inputs:
+            self.check_prompt(ids, 0)
+        pool = self.pool
+        if pool is None:
+            return await self._embed(inputs, request_id)
+        pool.enter(self)
+        try:
+            return await self._embed(inputs, request_id)
+        finally:
+            pool.leave(self, sum(len(ids) for ids in inputs))
+
+    async def _embed(self, inputs: Sequence[list[int]], request_id: str) -> EmbeddingBatch:
         from vllm.inputs import TokensPrompt
         from vllm.pooling_params import PoolingParams
 
-        for ids in inputs:
-            self.check_prompt(ids, 0)
-        llm = await self._engine()
+        llm, cold_ms = await self._engine()
 
         async def one(i: int, ids: list[int]) -> bytes:
             final = None
@@ -628,6 +735,7 @@ class VllmEmbeddingEngine(_VllmEngine, EmbeddingEngine):
             vectors=list(vectors),
             dimensions=len(vectors[0]) // 4 if vectors else 0,
             prompt_tokens=sum(len(ids) for ids in inputs),
+            cold_start_ms=cold_ms,
         )
 
 

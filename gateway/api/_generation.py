@@ -115,6 +115,8 @@ class Generation:
         self._engine_ms: dict[int, float] = {}
         #: The longest any prompt waited in the engine's admission queue.
         self.queue_ms = 0.0
+        #: The longest any prompt waited for its model to be brought onto the device.
+        self.cold_start_ms = 0.0
         self.cache = cache if cache_key is not None and cache_mode is not CacheMode.OFF else None
         self.cache_key = cache_key
         self.cache_mode = cache_mode
@@ -160,6 +162,7 @@ class Generation:
                 self._engine_ms[p] = chunk.engine_ms
                 usage.gpu_ms = sum(self._engine_ms.values())
             self.queue_ms = max(self.queue_ms, chunk.queue_ms)
+            self.cold_start_ms = max(self.cold_start_ms, chunk.cold_start_ms)
         for choice in chunk.choices:
             usage.completion_tokens += choice.num_tokens
             if choice.finish_reason is not None:
@@ -167,6 +170,8 @@ class Generation:
 
     def _headers(self) -> dict[str, str]:
         headers = {"x-tollgate-queue-ms": f"{self.queue_ms:.1f}"}
+        if self.cold_start_ms:
+            headers["x-tollgate-cold-start-ms"] = f"{self.cold_start_ms:.0f}"
         status = self.call.cache_status
         if status is not None:
             headers["x-tollgate-cache"] = status.value

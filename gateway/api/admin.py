@@ -50,6 +50,13 @@ from gateway.errors import (
 )
 from gateway.policy import PolicyError, ServingPatch
 from gateway.services import Services
+from serving.pool import ModelStatus, Placement
+
+
+class DeployedModels(msgspec.Struct):
+    object: Literal["list"]
+    data: list[ModelStatus]
+
 
 __all__ = ["AdminController", "caller", "operator_only", "require_admin"]
 
@@ -537,6 +544,41 @@ class AdminController(Controller):
         )
         services.authenticator.forget()
         return json_response(_quota_body(key.tenant_id, key.id, policy))
+
+    # The models on the device
+
+    @get(
+        "/models",
+        operation_class=docs.operation(
+            "listDeployedModels",
+            "List the models with their state, memory, demand and cold starts (operator only)",
+            tag="Admin",
+            answers={200: docs.json(DeployedModels, "Every model of the catalog.")},
+            errors=_READ,
+        ),
+    )
+    async def list_models(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services]
+    ) -> Response[bytes]:
+        operator_only(caller(request), "list the deployed models")
+        rows = [msgspec.structs.asdict(s) for s in services.host.pool.status()]
+        return json_response({"object": "list", "data": rows})
+
+    @get(
+        "/placement",
+        operation_class=docs.operation(
+            "retrievePlacement",
+            "Which models hold the device's memory, and how much of it (operator only)",
+            tag="Admin",
+            answers={200: docs.json(Placement, "The device's placement.")},
+            errors=_READ,
+        ),
+    )
+    async def get_placement(
+        self, request: Request[Any, Any, Any], services: NamedDependency[Services]
+    ) -> Response[bytes]:
+        operator_only(caller(request), "read the placement")
+        return json_response(msgspec.to_builtins(services.host.pool.placement()))
 
     # The serving policy
 

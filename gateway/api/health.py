@@ -37,7 +37,7 @@ class HealthController(Controller):
             "Readiness: every engine is ready",
             tag="Health",
             answers={
-                200: docs.json(Readiness, "Every engine is ready."),
+                200: docs.json(Readiness, "Every model is ready or brought in on demand."),
                 503: docs.json(Readiness, "An engine is starting, recovering or failed."),
             },
             public=True,
@@ -46,14 +46,15 @@ class HealthController(Controller):
     async def readyz(
         self, host: NamedDependency[EngineHost], startup_error: NamedDependency[str | None]
     ) -> Response[bytes]:
-        """Ready only when every configured engine is; the body has each engine's state,
-        restarts and scheduler figures.
+        """Ready once start-up is done and every model either takes requests or waits, cold or
+        asleep, to be brought in on demand; the body has each engine's state, restarts and
+        scheduler figures.
 
         ``status`` is ``ready``, ``starting`` (the first start), ``recovering`` (an engine
         died and is being restarted) or ``failed`` (start-up failed for good).
         """
         stats = host.stats()
-        ready = startup_error is None and all(s.ready for s in stats.values())
+        ready = startup_error is None and host.started and host.ready
         if ready:
             status = "ready"
         elif startup_error is not None:

@@ -550,7 +550,10 @@ class _Embeddings:
             "model": self.engine.name,
             "usage": {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens},
         }
-        await send_json(send, 200, _encode(body), cost_header(event) if event else None)
+        headers = cost_header(event) if event else {}
+        if batch.cold_start_ms:
+            headers["x-tollgate-cold-start-ms"] = f"{batch.cold_start_ms:.0f}"
+        await send_json(send, 200, _encode(body), headers)
 
 
 _CREATED = int(time.time())

@@ -1,0 +1,244 @@
+"""More models than the device holds: three chat models on a budget that fits two.
+
+One gateway of the shared deployment serves three copies of the demo chat model
+(``chat-a``, ``chat-b``, ``chat-c``) on a device budget of 3.3 GiB. Each engine measures
+about 1.4 GiB once started (its processes' proportional memory) and declares 1.6 GiB
+before, so two are resident at a time: ``chat-a`` and ``chat-b`` start, ``chat-c`` waits
+cold. The tests run in order, each from where the previous one left the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
+from tests.support.admin import Admin
+
+MODEL_ENTRY = """
+[[models]]
+name = "{name}"
+source = "{{data_dir}}/models/demo-chat"
+kind = "chat"
+memory_gb = 1.6
+{more}
+
+[models.engine]
+max_model_len = 2048
+dtype = "float32"
+kv_cache_gb = 0.25
+max_num_seqs = 16
+extra = {{ enforce_eager = true }}
+"""
+#: chat-a leaves the device on its own after this long without requests.
+IDLE_S = 10
+CATALOG = "".join(
+    MODEL_ENTRY.format(name=name, more=more)
+    for name, more in (
+        ("chat-a", f"idle_timeout_s = {IDLE_S}"),
+        ("chat-b", ""),
+        ("chat-c", ""),
+    )
+)
+
+
+@pytest.fixture(scope="module")
+def pooled(
+    gateway: Gateway, deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("pool")
+    catalog = folder / "three-chats.toml"
+    catalog.write_text(CATALOG)
+    gw = start_gateway(
+        deployment,
+        folder / "pool.log",
+        "--models",
+        str(catalog),
+        TOLLGATE_DEVICE_MEMORY_GB="3.3",
+        TOLLGATE_COLD_START_TIMEOUT_S="180",
+    )
+    try:
+        wait_ready(gw)
+        yield gw
+    finally:
+        stop_gateway(gw)
+
+
+@pytest.fixture(scope="module")
+def key(pooled: Gateway, admin: Admin) -> str:
+    return admin.key(admin.tenant("pool-tests"))
+
+
+@pytest.fixture(scope="module")
+def operator(pooled: Gateway, deployment: Deployment) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=pooled.base_url + "/admin/v1",
+        headers={"authorization": f"Bearer {deployment.admin_token}"},
+        timeout=30,
+    ) as c:
+        yield c
+
+
+def models(operator: httpx.Client) -> dict[str, dict[str, Any]]:
+    answer = operator.get("/models")
+    assert answer.status_code == 200, answer.text
+    return {row["name"]: row for row in answer.json()["data"]}
+
+
+def states(operator: httpx.Client) -> dict[str, str]:
+    return {name: row["state"] for name, row in models(operator).items()}
+
+
+def chat(model: str, max_tokens: int = 4, **more: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": max_tokens,
+        **more,
+    }
+
+
+def api(pooled: Gateway, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=pooled.api_url, headers={"authorization": f"Bearer {key}"}, timeout=300
+    )
+
+
+def test_two_of_three_start_and_the_third_waits_cold(
+    pooled: Gateway, operator: httpx.Client
+) -> None:
+    rows = models(operator)
+    assert {n: r["state"] for n, r in rows.items()} == {
+        "chat-a": "ready",
+        "chat-b": "ready",
+        "chat-c": "cold",
+    }, rows
+    # Measured after start, and two of them within the budget.
+    assert rows["chat-a"]["memory_measured"], rows
+    assert rows["chat-b"]["memory_measured"], rows
+    placement = operator.get("/placement").json()
+    assert placement["budget_gb"] == 3.3
+    assert placement["resident"] == ["chat-a", "chat-b"]
+    assert placement["used_gb"] <= 3.3, placement
+    # Cold models do not make the gateway unready: they come in on demand.
+    assert httpx.get(pooled.base_url + "/readyz").status_code == 200
+
+
+def test_an_invalid_request_for_a_cold_model_is_refused_without_waking_it(
+    pooled: Gateway, key: str, operator: httpx.Client
+) -> None:
+    with httpx.Client(
+        base_url=pooled.api_url, headers={"authorization": f"Bearer {key}"}, timeout=60
+    ) as http:
+        too_long = chat("chat-c", max_tokens=10)
+        too_long["messages"][0]["content"] = "word " * 3000
+        answer = http.post("/chat/completions", json=too_long)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "context_length_exceeded"
+        answer = http.post("/chat/completions", json=chat("chat-c", temperature=7))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == "temperature"
+        answer = http.post("/chat/completions", json=chat("chat-c", logit_bias={"99999": 1}))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == "logit_bias"
+    row = models(operator)["chat-c"]
+    assert row["state"] == "cold", row
+    assert row["cold_starts"] == 0, row
+
+
+async def test_the_least_recently_used_model_leaves_for_a_cold_one(
+    pooled: Gateway, key: str, operator: httpx.Client
+) -> None:
+    async with api(pooled, key) as http:
+        for model in ("chat-a", "chat-b"):  # chat-a is now the least recently used
+            answer = await http.post("/chat/completions", json=chat(model))
+            assert answer.status_code == 200, answer.text
+            assert "x-tollgate-cold-start-ms" not in answer.headers
+        # A streamed answer that had to wait says how long, with its first bytes.
+        async with http.stream(
+            "POST", "/chat/completions", json=chat("chat-c", stream=True)
+        ) as answer:
+            assert answer.status_code == 200
+            waited = float(answer.headers["x-tollgate-cold-start-ms"])
+            body = (await answer.aread()).decode()
+        assert body.rstrip().endswith("data: [DONE]"), body
+    assert waited > 1000, waited
+    rows = await asyncio.to_thread(models, operator)
+    assert {n: r["state"] for n, r in rows.items()} == {
+        "chat-a": "cold",
+        "chat-b": "ready",
+        "chat-c": "ready",
+    }, rows
+    assert rows["chat-a"]["evictions"] == 1
+    assert rows["chat-c"]["cold_starts"] == 1
+    assert rows["chat-c"]["last_cold_start_ms"] <= waited + 50
+
+
+async def test_a_model_with_a_request_in_flight_is_not_taken_out(
+    pooled: Gateway, key: str, operator: httpx.Client
+) -> None:
+    """chat-b is the least recently used but streams a long answer: chat-c leaves instead,
+    and the stream ends in full."""
+    async with api(pooled, key) as http:
+
+        async def long_stream() -> tuple[int, str | None, float]:
+            tokens, finish = 0, None
+            body = chat("chat-b", max_tokens=1800, stream=True, ignore_eos=True)
+            body["stream_options"] = {"include_usage": True}
+            async with http.stream("POST", "/chat/completions", json=body) as answer:
+                assert answer.status_code == 200
+                async for line in answer.aiter_lines():
+                    if line.startswith("data: {"):
+                        event = httpx.Response(200, content=line[6:]).json()
+                        for choice in event.get("choices", []):
+                            finish = choice.get("finish_reason") or finish
+                        if event.get("usage"):
+                            tokens = event["usage"]["completion_tokens"]
+            return tokens, finish, time.monotonic()
+
+        stream = asyncio.create_task(long_stream())
+        for _ in range(200):
+            if (await asyncio.to_thread(models, operator))["chat-b"]["inflight"]:
+                break
+            await asyncio.sleep(0.05)
+        answer = await http.post("/chat/completions", json=chat("chat-c"))
+        assert answer.status_code == 200, answer.text
+        asked = time.monotonic()
+        answer = await http.post("/chat/completions", json=chat("chat-a"))
+        assert answer.status_code == 200, answer.text
+        assert float(answer.headers["x-tollgate-cold-start-ms"]) > 1000
+        tokens, finish, ended = await stream
+    if ended < asked:
+        pytest.fail("the stream ended before chat-a was asked for: make it longer")
+    assert (tokens, finish) == (1800, "length")
+    rows = await asyncio.to_thread(models, operator)
+    assert {n: r["state"] for n, r in rows.items()} == {
+        "chat-a": "ready",
+        "chat-b": "ready",
+        "chat-c": "cold",
+    }, rows
+    assert rows["chat-b"]["evictions"] == 0
+    assert rows["chat-c"]["evictions"] == 1
+
+
+def test_an_idle_model_leaves_on_its_own(operator: httpx.Client, pooled: Gateway) -> None:
+    deadline = time.monotonic() + IDLE_S + 15
+    while (row := models(operator)["chat-a"])["state"] != "cold":
+        assert time.monotonic() < deadline, row
+        time.sleep(0.5)
+    assert row["idle_stops"] == 1, row
+    assert states(operator)["chat-b"] == "ready"  # no idle timeout of its own
+    assert httpx.get(pooled.base_url + "/readyz").status_code == 200
+
+
+def test_the_pool_is_the_operators_to_see(pooled: Gateway, key: str) -> None:
+    for path in ("/models", "/placement"):
+        answer = httpx.get(
+            pooled.base_url + "/admin/v1" + path, headers={"authorization": f"Bearer {key}"}
+        )
+        assert answer.status_code == 403, answer.text
