@@ -31,6 +31,7 @@ from gateway.cache import CacheStore, MemoryCacheStore, RedisCacheStore, Respons
 from gateway.calls import CallGuard, call_of
 from gateway.credentials import check_admin_token, load_secret
 from gateway.db import AccountStore, make_engine, upgrade
+from gateway.deployments import CatalogSync
 from gateway.errors import exception_handlers
 from gateway.metrics import registry_for
 from gateway.middleware import add_request_id
@@ -183,6 +184,16 @@ def create_app(
             shared_models=shared_models,
         )
         policy = ServingControl(accounts, host, cache, settings, secret)
+        catalog_sync = None
+        if own_engines:
+            catalog_sync = CatalogSync(
+                accounts, host, settings.deployment, settings.data_path, on_change=policy.reapply
+            )
+            try:
+                await catalog_sync.seed(settings.models_path, host.catalog)
+            except Exception:
+                logger.exception("could not seed the deployed catalog from the models file")
+            await catalog_sync.start()
         await policy.start()
         telemetry.observe_engines(host.restarts)
         services_box["services"] = Services(
@@ -196,6 +207,7 @@ def create_app(
             usage=usage,
             cache=cache,
             policy=policy,
+            catalog=catalog_sync,
             metrics=registry_for(host, cache),
         )
         # Several apps may share one host whose engines their caller runs (benchmarks).
@@ -209,6 +221,8 @@ def create_app(
             # Calls still running were closed when their tasks were cancelled: write their
             # events and settlements first (or spool them), then stop the engines.
             await policy.close()
+            if catalog_sync is not None:
+                await catalog_sync.close()
             await cache.close()
             await usage.close()
             await admission.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -10,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+
+import msgspec
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -293,6 +296,50 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _placement_simulate(args: argparse.Namespace) -> int:
+    from serving import placement
+
+    trace_path = Path(args.trace)
+    profiles_path = Path(args.profiles) if args.profiles else _profiles_beside(trace_path)
+    try:
+        trace = placement.load_trace(trace_path)
+        costs = (
+            placement.COSTS[args.costs]
+            if args.costs in placement.COSTS
+            else json.loads(Path(args.costs).read_text())
+        )
+        sizes = json.loads(profiles_path.read_text())
+        profiles = placement.profiles_from(sizes, costs)
+        missing = sorted({r.model for r in trace} - set(profiles))
+        if missing:
+            raise ValueError(f"{profiles_path} has no profile for {', '.join(missing)}")
+        plan = placement.plan_fleet(trace, profiles, args.device_gb, args.slo_ms, args.goal)
+    except (OSError, ValueError, msgspec.ValidationError) as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(placement.dumps(plan) + "\n" if args.json else placement.report(plan, trace))
+    return 0
+
+
+def _profiles_beside(trace: Path) -> Path:
+    return trace.with_name(trace.name.removesuffix(".jsonl") + ".models.json")
+
+
+def _placement_trace(args: argparse.Namespace) -> int:
+    from serving import placement
+
+    trace, sizes = placement.generate_trace(
+        models=args.models, requests=args.requests, zipf_s=args.zipf, seed=args.seed
+    )
+    out = Path(args.output)
+    placement.write_trace(trace, out)
+    _profiles_beside(out).write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
+    print(
+        f"{out}: {len(trace)} requests for {args.models} models; sizes in {_profiles_beside(out)}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tollgate", description="Tollgate inference gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -338,6 +385,33 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--data-dir", help="data directory (default .tollgate)")
     prepare.add_argument("--force", action="store_true", help="rebuild even if present")
     prepare.set_defaults(func=_prepare)
+
+    place = commands.add_parser("placement", help="plan which models go on which devices")
+    place_commands = place.add_subparsers(dest="placement_command", required=True)
+    simulate = place_commands.add_parser(
+        "simulate", help="replay a demand trace: devices needed, cold starts, TTFT within target"
+    )
+    simulate.add_argument("--trace", required=True, help="JSONL: t, model, prompt/output tokens")
+    simulate.add_argument(
+        "--profiles", help="JSON of each model's memory_gb (default: <trace>.models.json)"
+    )
+    simulate.add_argument(
+        "--costs",
+        default="cpu",
+        help="switch costs: cpu, gpu-sleep, or a JSON file of start_s, stop_s, sleep_s, wake_s",
+    )
+    simulate.add_argument("--device-gb", type=float, default=80.0, help="memory per device")
+    simulate.add_argument("--slo-ms", type=float, default=5000.0, help="time to first token target")
+    simulate.add_argument("--goal", type=float, default=0.99, help="share within the target")
+    simulate.add_argument("--json", action="store_true", help="the whole plan as JSON")
+    simulate.set_defaults(func=_placement_simulate)
+    make_trace = place_commands.add_parser("trace", help="generate a long-tail demand trace")
+    make_trace.add_argument("--output", required=True, help="JSONL file to write")
+    make_trace.add_argument("--models", type=int, default=20)
+    make_trace.add_argument("--requests", type=int, default=10_000)
+    make_trace.add_argument("--zipf", type=float, default=1.5, help="popularity skew over models")
+    make_trace.add_argument("--seed", type=int, default=0)
+    make_trace.set_defaults(func=_placement_trace)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -178,6 +178,10 @@ class ServingControl:
         document = msgspec.json.decode(raw)
         self._apply(version, document, self.check(document))
 
+    def reapply(self) -> None:
+        """Apply the policy in force again (to engines the catalog gained since)."""
+        self._apply(self.version, self.document, self.policy)
+
     def check(self, document: Any) -> ServingPolicy:
         """The policy of ``document``.
 

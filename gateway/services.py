@@ -10,6 +10,7 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.cache import ResponseCache
 from gateway.db import AccountStore
+from gateway.deployments import CatalogSync
 from gateway.policy import ServingControl
 from gateway.settings import Settings
 from gateway.telemetry import Telemetry
@@ -39,6 +40,8 @@ class Services:
     policy: ServingControl
     #: What ``/metrics`` renders.
     metrics: CollectorRegistry
+    #: The deployed catalog (``None`` when the host's engines are someone else's to run).
+    catalog: CatalogSync | None = None
 
     def __repr__(self) -> str:
         return "Services()"

@@ -28,8 +28,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8000
     #: Where Tollgate keeps its files: demo models, the embedded database, its secret.
     data_dir: str = ".tollgate"
-    #: The models file (TOML); the demo catalog when unset.
+    #: The models file (TOML); the demo catalog when unset. It seeds the deployment's
+    #: catalog in the database on first start and whenever it changes.
     models: str | None = None
+    #: The deployment's name: replicas with the same name (and database) serve the same
+    #: catalog, changed live through the admin API.
+    deployment: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] = "default"
     #: Request bodies larger than this get 413.
     max_body_bytes: int = 4 * 1024 * 1024
     #: Upper bounds on what one request may ask for.

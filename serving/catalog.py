@@ -23,7 +23,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -32,8 +32,10 @@ __all__ = [
     "CatalogError",
     "EngineOptions",
     "ModelSpec",
+    "check_spec",
     "default_catalog_path",
     "load_catalog",
+    "spec_document",
 ]
 
 ModelKind = Literal["chat", "embedding"]
@@ -77,11 +79,11 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     engine: EngineOptions = msgspec.field(default_factory=EngineOptions)
     #: Its footprint on the device in GiB (weights plus KV budget) until it is measured
     #: after its first start; unset: estimated from the weights' files and ``kv_cache_gb``.
-    memory_gb: float | None = None
+    memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
     #: Never taken off the device to make room or for being idle.
     pin: bool = False
     #: Taken off the device after this long without requests; unset: the pool's default.
-    idle_timeout_s: float | None = None
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     #: Filled in by :func:`load_catalog`: an absolute path, or the hub id as written.
     resolved_source: str = ""
 
@@ -105,6 +107,18 @@ class Catalog:
     def get(self, name: str) -> ModelSpec | None:
         """The entry called ``name`` (or aliased so), if any."""
         return self._by_name.get(name)
+
+    def with_model(self, spec: ModelSpec) -> Catalog:
+        """This catalog with ``spec`` added, or in place of the entry of its name.
+
+        Raises:
+            CatalogError: one of its names or aliases is another entry's.
+        """
+        models = [m for m in self.models if m.name != spec.name]
+        return Catalog([*models, spec])
+
+    def without(self, name: str) -> Catalog:
+        return Catalog([m for m in self.models if m.name != name])
 
     def __iter__(self) -> Any:
         return iter(self.models)
@@ -135,6 +149,25 @@ def _resolve_source(spec: ModelSpec, catalog_dir: Path, data_dir: Path) -> str:
     return str(path.resolve())
 
 
+def check_spec(spec: ModelSpec, base_dir: Path, data_dir: Path) -> ModelSpec:
+    """``spec`` with its source resolved (relative paths against ``base_dir``).
+
+    Raises:
+        CatalogError: a name is not valid, or the source does not exist (the message names
+            it).
+    """
+    for name in (spec.name, *spec.aliases):
+        if not _NAME.match(name):
+            raise CatalogError(f"model {spec.name!r}: {name!r} is not a valid model name")
+    resolved = _resolve_source(spec, base_dir, data_dir)
+    return msgspec.structs.replace(spec, resolved_source=resolved)
+
+
+def spec_document(spec: ModelSpec) -> bytes:
+    """The entry as stored and compared: as written, without what this process resolved."""
+    return msgspec.json.encode(msgspec.structs.replace(spec, resolved_source=""))
+
+
 def load_catalog(path: Path, data_dir: Path) -> Catalog:
     """Read and check a catalog file; every local source must exist.
 
@@ -153,11 +186,4 @@ def load_catalog(path: Path, data_dir: Path) -> Catalog:
         raise CatalogError(f"models file {path}: {exc}") from exc
     if not parsed.models:
         raise CatalogError(f"models file {path} lists no models")
-    models = []
-    for spec in parsed.models:
-        for name in (spec.name, *spec.aliases):
-            if not _NAME.match(name):
-                raise CatalogError(f"model {spec.name!r}: {name!r} is not a valid model name")
-        resolved = _resolve_source(spec, path.parent, data_dir)
-        models.append(msgspec.structs.replace(spec, resolved_source=resolved))
-    return Catalog(models)
+    return Catalog([check_spec(spec, path.parent, data_dir) for spec in parsed.models])

@@ -97,6 +97,9 @@ class EngineHost:
             )
             for spec in catalog
         }
+        self._ready_wait_s = ready_wait_s
+        #: Engines finishing their requests before they stop (retired or replaced).
+        self._retiring: set[asyncio.Task[None]] = set()
         self.pool = ModelPool(
             list(self._engines.values()),
             budget_gb=budget_gb,
@@ -140,7 +143,65 @@ class EngineHost:
 
     async def shutdown(self) -> None:
         self.started = False
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.pool.shutdown()
+
+    # Live changes of the catalog
+
+    async def deploy(self, spec: ModelSpec) -> None:
+        """Add a model, or apply a changed entry, without a restart.
+
+        A change of the pool's settings alone (aliases, pin, idle timeout, declared
+        footprint) applies in place; any other change (source, kind, engine arguments) makes
+        a new engine, cold, for the requests from now on, while the old one finishes its own
+        and stops.
+
+        Raises:
+            CatalogError: a name or alias is another model's.
+            Exception: the model's tokenizer or configuration did not load.
+        """
+        catalog = self.catalog.with_model(spec)
+        old = self._engines.get(spec.name)
+        if old is not None and _same_engine(old.spec, spec):
+            old.spec = spec
+            self.pool.reconfigure(old)
+            self.catalog = catalog
+            return
+        engine = make_engine(
+            spec, self._cpus, ready_wait_s=self._ready_wait_s, on_ready=self._engine_ready
+        )
+        await asyncio.to_thread(engine.load_tokenizer)
+        self._engines[spec.name] = engine
+        self.pool.add(engine)
+        self.catalog = catalog
+        if old is not None:
+            self._drain(old)
+        logger.info("model %s deployed", spec.name)
+
+    def retire(self, name: str) -> bool:
+        """Take a model out of the catalog: new requests for it are refused, those in flight
+        finish, then its engine stops. Whether it was there."""
+        engine = self._engines.pop(name, None)
+        if engine is None:
+            return False
+        self.catalog = self.catalog.without(name)
+        self._drain(engine)
+        logger.info("model %s retired; its engine stops once its requests are done", name)
+        return True
+
+    def _drain(self, engine: ModelEngine) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.pool.retire(engine), name=f"retire-{engine.name}"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def drained(self) -> None:
+        """Wait until every retired engine has stopped."""
+        while self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def engines(self) -> list[ModelEngine]:
         """Every engine, in catalog order."""
@@ -170,6 +231,16 @@ class EngineHost:
     def ready(self) -> bool:
         """Every model either takes requests or waits to be brought in on demand."""
         return all(s.ready or s.state in _ON_DEMAND for s in self.stats().values())
+
+
+def _same_engine(a: ModelSpec, b: ModelSpec) -> bool:
+    """Whether two entries run the same engine (they differ in pool settings at most)."""
+    return (a.source, a.resolved_source, a.kind, a.engine) == (
+        b.source,
+        b.resolved_source,
+        b.kind,
+        b.engine,
+    )
 
 
 #: States of a model that a request brings in (not a failure).

@@ -88,6 +88,8 @@ class ModelStatus(msgspec.Struct):
     #: Times it was taken out to make room, and taken out for being idle.
     evictions: int
     idle_stops: int
+    #: Taken out of the catalog: it finishes its requests, then stops.
+    retiring: bool = False
 
 
 def device_memory_gb() -> float:
@@ -157,6 +159,8 @@ class _Entry:
         self.switch_s: float | None = None
         #: When its last start failed: requests in the next seconds fail at once.
         self.failed_at: float | None = None
+        #: Leaving the pool once its requests are done (retired, or replaced).
+        self.retiring = False
 
     @property
     def state(self) -> EngineState:
@@ -195,7 +199,10 @@ class ModelPool:
         progress: Progress | None = None,
     ) -> None:
         self._progress = progress
-        self._entries = {engine.name: _Entry(engine, idle_timeout_s) for engine in engines}
+        self._entries: dict[ModelEngine, _Entry] = {
+            engine: _Entry(engine, idle_timeout_s) for engine in engines
+        }
+        self._default_idle_s = idle_timeout_s
         self._budget_gb = budget_gb
         self.cold_start_timeout_s = cold_start_timeout_s
         self._sleep = sleep
@@ -275,17 +282,56 @@ class ModelPool:
             *(e.engine.shutdown() for e in self._entries.values()), return_exceptions=True
         )
 
+    # Live changes of the catalog
+
+    def add(self, engine: ModelEngine) -> None:
+        """A model that joins the device, cold (it starts when a request needs it)."""
+        self._entries[engine] = _Entry(engine, self._default_idle_s)
+        engine.pool = self
+
+    def reconfigure(self, engine: ModelEngine) -> None:
+        """Its entry's pool settings (pin, idle timeout, declared footprint) changed."""
+        entry = self._entries[engine]
+        spec = engine.spec
+        entry.pinned = spec.pin
+        entry.idle_timeout_s = (
+            spec.idle_timeout_s if spec.idle_timeout_s is not None else self._default_idle_s
+        )
+        entry.declared = spec.memory_gb is not None
+        if spec.memory_gb is not None and not entry.measured:
+            entry.memory_gb = spec.memory_gb
+
+    async def retire(self, engine: ModelEngine) -> None:
+        """Let ``engine`` finish what it serves (requests waiting for it included), then stop
+        it and forget it."""
+        entry = self._entries.get(engine)
+        if entry is None:
+            return
+        entry.retiring = True
+        while entry.inflight or entry.switch is not None:
+            if entry.switch is not None:
+                await asyncio.gather(entry.switch, return_exceptions=True)
+                continue
+            self._released.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._released.wait()
+        async with self._lock:
+            await engine.shutdown()
+        self._entries.pop(engine, None)
+        self._released.set()  # its memory is free: a switch waiting for room may go on
+
     # The request path
 
     def enter(self, engine: ModelEngine) -> None:
         """A request for ``engine`` begins (it counts as in flight from now on)."""
-        entry = self._entries[engine.name]
+        entry = self._entries[engine]
         entry.inflight += 1
         entry.last_used = time.monotonic()
 
     def leave(self, engine: ModelEngine, tokens: int) -> None:
         """A request for ``engine`` ended, having cost ``tokens`` (prompt plus output)."""
-        entry = self._entries[engine.name]
+        entry = self._entries[engine]
         entry.inflight -= 1
         now = entry.last_used = time.monotonic()
         entry.demand.append((now, tokens))
@@ -302,7 +348,7 @@ class ModelPool:
             EngineNotReady: not in time (``cold_start_timeout_s``), the device cannot make
                 room for it, or its start failed.
         """
-        entry = self._entries[engine.name]
+        entry = self._entries[engine]
         if entry.switch is None and (entry.state is EngineState.READY or engine.supervised):
             return 0.0
         began = time.monotonic()
@@ -383,7 +429,7 @@ class ModelPool:
         deadline = time.monotonic() + self.cold_start_timeout_s
         while self.used_gb() + need > self.budget_gb + 1e-9:
             victims = [e for e in others if e.resident and not e.pinned and e.inflight == 0]
-            victims = [e for e in victims if e.state is EngineState.READY]
+            victims = [e for e in victims if e.state is EngineState.READY and not e.retiring]
             if victims:
                 victim = min(victims, key=lambda e: e.last_used or 0.0)
                 victim.evictions += 1
@@ -454,10 +500,11 @@ class ModelPool:
         while not self._closed:
             await asyncio.sleep(_IDLE_POLL_S)
             now = time.monotonic()
-            for entry in self._entries.values():
+            for entry in list(self._entries.values()):
                 timeout = entry.idle_timeout_s
                 if (
                     timeout is None
+                    or entry.retiring
                     or entry.pinned
                     or entry.inflight
                     or entry.switch is not None
@@ -479,7 +526,8 @@ class ModelPool:
     def status(self) -> list[ModelStatus]:
         now = time.monotonic()
         rows = []
-        for name, entry in self._entries.items():
+        for entry in self._entries.values():
+            name = entry.engine.name
             while entry.demand and entry.demand[0][0] < now - _DEMAND_WINDOW_S:
                 entry.demand.popleft()
             rows.append(
@@ -501,6 +549,7 @@ class ModelPool:
                     cold_start_ms_total=round(entry.cold_start_ms_total, 1),
                     evictions=entry.evictions,
                     idle_stops=entry.idle_stops,
+                    retiring=entry.retiring,
                 )
             )
         return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import signal
@@ -160,8 +161,16 @@ def deployment(
 def start_gateway(
     deployment: Deployment, log_path: Path, *extra_args: str, **extra_env: str
 ) -> Gateway:
-    """Start one gateway replica of the deployment; wait for it with ``wait_ready``."""
+    """Start one gateway replica of the deployment; wait for it with ``wait_ready``.
+
+    Replicas given the same models file form one deployment (they share its catalog in the
+    database); the shared gateway's demo catalog is the ``default`` one.
+    """
     port = free_port()
+    if "--models" in extra_args and "TOLLGATE_DEPLOYMENT" not in extra_env:
+        models = Path(extra_args[extra_args.index("--models") + 1])
+        digest = hashlib.sha256(models.read_bytes()).hexdigest()[:12]
+        extra_env = {**extra_env, "TOLLGATE_DEPLOYMENT": f"{models.stem}-{digest}"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--port", str(port), *extra_args],

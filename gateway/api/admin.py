@@ -40,22 +40,46 @@ from gateway.api._shapes import (
 from gateway.api.schemas import decode
 from gateway.auth import Principal, principal_of
 from gateway.db import ApiKey, QuotaPolicy, Tenant
+from gateway.deployments import CatalogSync
 from gateway.errors import (
     APIError,
     Conflict,
     InvalidRequest,
+    ModelNotFound,
     NotFound,
     PermissionDenied,
     error_response,
 )
 from gateway.policy import PolicyError, ServingPatch
 from gateway.services import Services
+from serving import CatalogError, EngineOptions, ModelSpec
 from serving.pool import ModelStatus, Placement
 
 
 class DeployedModels(msgspec.Struct):
     object: Literal["list"]
     data: list[ModelStatus]
+
+
+class ModelDeployment(msgspec.Struct, forbid_unknown_fields=True):
+    """A model to deploy, as a models file's ``[[models]]`` entry without its name (the path
+    names it)."""
+
+    #: A local path (``{data_dir}`` stands for the data directory; relative paths are
+    #: taken relative to it), or a hub id already in the local cache.
+    source: str
+    kind: Literal["chat", "embedding"] = "chat"
+    aliases: tuple[str, ...] = ()
+    engine: EngineOptions = msgspec.field(default_factory=EngineOptions)
+    memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    pin: bool = False
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class RetiredModel(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    deleted: bool
 
 
 __all__ = ["AdminController", "caller", "operator_only", "require_admin"]
@@ -156,6 +180,12 @@ def caller(request: Request[Any, Any, Any]) -> Principal:
     if principal is None:  # the guard has run: this cannot be reached
         raise PermissionDenied("Authentication is required for the admin API.")
     return principal
+
+
+def _catalog(services: Services) -> CatalogSync:
+    if services.catalog is None:
+        raise Conflict("this gateway does not run its engines; change the catalog where they run")
+    return services.catalog
 
 
 def operator_only(principal: Principal, what: str) -> None:
@@ -563,6 +593,62 @@ class AdminController(Controller):
         operator_only(caller(request), "list the deployed models")
         rows = [msgspec.structs.asdict(s) for s in services.host.pool.status()]
         return json_response({"object": "list", "data": rows})
+
+    @put(
+        "/models/{name:str}",
+        operation_class=docs.operation(
+            "deployModel",
+            "Deploy a model, or change one, on every replica without a restart (operator only)",
+            tag="Admin",
+            body=ModelDeployment,
+            answers={
+                200: docs.json(ModelStatus, "The model was changed."),
+                201: docs.json(ModelStatus, "The model was deployed."),
+            },
+            errors=(400, 403, 409, 413),
+        ),
+    )
+    async def deploy_model(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        name: FromPath[str],
+    ) -> Response[bytes]:
+        operator_only(caller(request), "deploy models")
+        sync = _catalog(services)
+        body = decode(await request.body(), ModelDeployment)
+        spec = ModelSpec(name=name, **msgspec.structs.asdict(body))
+        try:
+            created = await sync.put(spec)
+        except CatalogError as exc:
+            param = "source" if "source" in str(exc) else "name"
+            raise InvalidRequest(str(exc), param=param) from None
+        row = next(s for s in services.host.pool.status() if s.name == name)
+        return json_response(msgspec.to_builtins(row), status_code=201 if created else 200)
+
+    @delete(
+        "/models/{name:str}",
+        status_code=200,
+        operation_class=docs.operation(
+            "retireModel",
+            "Retire a model on every replica: it finishes its requests, then stops (operator only)",
+            tag="Admin",
+            answers={200: docs.json(RetiredModel, "The model is retired.")},
+            errors=(403, 404, 409),
+        ),
+    )
+    async def retire_model(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        name: FromPath[str],
+    ) -> Response[bytes]:
+        operator_only(caller(request), "retire models")
+        sync = _catalog(services)
+        spec = services.host.catalog.get(name)
+        if spec is None or spec.name != name or not await sync.delete(name):
+            raise ModelNotFound(name)
+        return json_response({"id": name, "object": "model", "deleted": True})
 
     @get(
         "/placement",

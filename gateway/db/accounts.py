@@ -26,6 +26,8 @@ from gateway.db.tables import (
     QUOTA_LIMITS,
     ROLES,
     ApiKey,
+    CatalogSeed,
+    DeployedModel,
     QuotaPolicy,
     ServingPolicyRow,
     Tenant,
@@ -394,6 +396,71 @@ class AccountStore:
             return row.version
 
         return await self._run(work, write=True)
+
+    # The deployed catalog
+
+    async def seed_catalog(self, deployment: str, digest: str, specs: dict[str, str]) -> bool:
+        """Store the entries of a models file unless this same file (``digest``) seeded the
+        deployment before; whether it did now. Entries made through the admin API and not
+        in the file stay; entries of the file replace stored ones of the same name."""
+
+        def work(session: Session) -> bool:
+            seed = session.get(CatalogSeed, deployment, with_for_update=True)
+            if seed is not None and seed.digest == digest:
+                return False
+            for name, spec in specs.items():
+                _put_model(session, deployment, name, spec)
+            if seed is None:
+                session.add(CatalogSeed(deployment=deployment, digest=digest))
+            else:
+                seed.digest, seed.seeded_at = digest, utcnow()
+                session.add(seed)
+            return True
+
+        return await self._run(work, write=True)
+
+    async def deployed_models(self, deployment: str) -> list[tuple[str, int, str]]:
+        """``(name, version, spec)`` of every model of the deployment."""
+
+        def work(session: Session) -> list[tuple[str, int, str]]:
+            rows = session.exec(
+                select(DeployedModel).where(DeployedModel.deployment == deployment)
+            ).all()
+            return sorted((row.name, row.version, row.spec) for row in rows)
+
+        return await self._run(work)
+
+    async def put_model(self, deployment: str, name: str, spec: str) -> tuple[int, bool]:
+        """Store a model's entry; its version and whether it is new."""
+
+        def work(session: Session) -> tuple[int, bool]:
+            return _put_model(session, deployment, name, spec)
+
+        return await self._run(work, write=True)
+
+    async def delete_model(self, deployment: str, name: str) -> bool:
+        """Remove a model's entry; whether there was one."""
+
+        def work(session: Session) -> bool:
+            row = session.get(DeployedModel, (deployment, name), with_for_update=True)
+            if row is None:
+                return False
+            session.delete(row)
+            return True
+
+        return await self._run(work, write=True)
+
+
+def _put_model(session: Session, deployment: str, name: str, spec: str) -> tuple[int, bool]:
+    row = session.get(DeployedModel, (deployment, name), with_for_update=True)
+    if row is None:
+        session.add(DeployedModel(deployment=deployment, name=name, version=1, spec=spec))
+        return 1, True
+    if row.spec != spec:
+        row.version += 1
+        row.spec, row.updated_at = spec, utcnow()
+        session.add(row)
+    return row.version, False
 
 
 def _live_tenant(session: Session, tenant_id: str, *, lock: bool = False) -> Tenant:

@@ -34,6 +34,8 @@ __all__ = [
     "QUOTA_LIMITS",
     "ROLES",
     "ApiKey",
+    "CatalogSeed",
+    "DeployedModel",
     "QuotaPolicy",
     "ServingPolicyRow",
     "Tenant",
@@ -165,3 +167,29 @@ class ServingPolicyRow(_Table, table=True):
     version: int = Field(sa_type=BigInteger)
     document: str = Field(sa_type=Text)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class DeployedModel(_Table, table=True):
+    """One model of a deployment's catalog (``PUT /admin/v1/models/{name}``), as written in
+    a models file; every replica of the deployment serves the same ones."""
+
+    __tablename__ = "deployed_models"
+
+    #: The deployment (``TOLLGATE_DEPLOYMENT``): replicas sharing it share the catalog.
+    deployment: str = Field(primary_key=True, max_length=100)
+    name: str = Field(primary_key=True, max_length=128)
+    #: Raised by one on every change; replicas apply the entry again when it moves.
+    version: int = Field(sa_type=BigInteger)
+    #: The catalog entry (`serving.catalog.ModelSpec`) as JSON.
+    spec: str = Field(sa_type=Text)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class CatalogSeed(_Table, table=True):
+    """Which models file last seeded a deployment's catalog (its digest)."""
+
+    __tablename__ = "catalog_seeds"
+
+    deployment: str = Field(primary_key=True, max_length=100)
+    digest: str = Field(max_length=64)
+    seeded_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

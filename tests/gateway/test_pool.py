@@ -1,10 +1,12 @@
-"""More models than the device holds: three chat models on a budget that fits two.
+"""More models than the device holds: three chat models on a budget that fits two, and the
+catalog changed live.
 
 One gateway of the shared deployment serves three copies of the demo chat model
 (``chat-a``, ``chat-b``, ``chat-c``) on a device budget of 3.3 GiB. Each engine measures
 about 1.4 GiB once started (its processes' proportional memory) and declares 1.6 GiB
 before, so two are resident at a time: ``chat-a`` and ``chat-b`` start, ``chat-c`` waits
-cold. The tests run in order, each from where the previous one left the pool.
+cold. A second replica of the same deployment has a budget that starts nothing. The tests
+run in order, each from where the previous one left the pool.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from serving.placement import ModelProfile, Request, simulate_device
 from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
 from tests.support.admin import Admin
 
@@ -35,32 +39,43 @@ kv_cache_gb = 0.25
 max_num_seqs = 16
 extra = {{ enforce_eager = true }}
 """
-#: chat-a leaves the device on its own after this long without requests.
-IDLE_S = 10
-CATALOG = "".join(
-    MODEL_ENTRY.format(name=name, more=more)
-    for name, more in (
-        ("chat-a", f"idle_timeout_s = {IDLE_S}"),
-        ("chat-b", ""),
-        ("chat-c", ""),
-    )
-)
+CATALOG = "".join(MODEL_ENTRY.format(name=name, more="") for name in ("chat-a", "chat-b", "chat-c"))
+BUDGET_GB = 3.3
 
 
 @pytest.fixture(scope="module")
-def pooled(
-    gateway: Gateway, deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    folder = tmp_path_factory.mktemp("pool")
-    catalog = folder / "three-chats.toml"
-    catalog.write_text(CATALOG)
+def catalog_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pool") / "three-chats.toml"
+    path.write_text(CATALOG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pooled(gateway: Gateway, deployment: Deployment, catalog_file: Path) -> Iterator[Gateway]:
     gw = start_gateway(
         deployment,
-        folder / "pool.log",
+        catalog_file.with_name("pool.log"),
         "--models",
-        str(catalog),
-        TOLLGATE_DEVICE_MEMORY_GB="3.3",
+        str(catalog_file),
+        TOLLGATE_DEVICE_MEMORY_GB=str(BUDGET_GB),
         TOLLGATE_COLD_START_TIMEOUT_S="180",
+    )
+    try:
+        wait_ready(gw)
+        yield gw
+    finally:
+        stop_gateway(gw)
+
+
+@pytest.fixture(scope="module")
+def replica(pooled: Gateway, deployment: Deployment, catalog_file: Path) -> Iterator[Gateway]:
+    """The same deployment on a budget of 1.5 GiB: none of its models fits at start-up."""
+    gw = start_gateway(
+        deployment,
+        catalog_file.with_name("replica.log"),
+        "--models",
+        str(catalog_file),
+        TOLLGATE_DEVICE_MEMORY_GB="1.5",
     )
     try:
         wait_ready(gw)
@@ -122,9 +137,9 @@ def test_two_of_three_start_and_the_third_waits_cold(
     assert rows["chat-a"]["memory_measured"], rows
     assert rows["chat-b"]["memory_measured"], rows
     placement = operator.get("/placement").json()
-    assert placement["budget_gb"] == 3.3
+    assert placement["budget_gb"] == BUDGET_GB
     assert placement["resident"] == ["chat-a", "chat-b"]
-    assert placement["used_gb"] <= 3.3, placement
+    assert placement["used_gb"] <= BUDGET_GB, placement
     # Cold models do not make the gateway unready: they come in on demand.
     assert httpx.get(pooled.base_url + "/readyz").status_code == 200
 
@@ -226,19 +241,142 @@ async def test_a_model_with_a_request_in_flight_is_not_taken_out(
     assert rows["chat-c"]["evictions"] == 1
 
 
-def test_an_idle_model_leaves_on_its_own(operator: httpx.Client, pooled: Gateway) -> None:
-    deadline = time.monotonic() + IDLE_S + 15
+def test_the_simulator_counts_the_cold_starts_a_real_pool_has(
+    pooled: Gateway, key: str, operator: httpx.Client
+) -> None:
+    """The same five requests, one after the other, through the planner's simulator and
+    through the pool: the same cold starts."""
+    rows = models(operator)
+    assert [n for n, r in rows.items() if r["state"] == "ready"] == ["chat-a", "chat-b"]
+    order = ["chat-a", "chat-b", "chat-c", "chat-b", "chat-a"]
+    trace = [
+        Request(t=100.0 * i, model=m, prompt_tokens=8, output_tokens=4) for i, m in enumerate(order)
+    ]
+    profiles = {
+        name: ModelProfile(memory_gb=row["memory_gb"], start_s=30.0, stop_s=5.0)
+        for name, row in rows.items()
+    }
+    simulated, _ = simulate_device(
+        trace, profiles, BUDGET_GB, 60_000.0, resident=["chat-a", "chat-b"]
+    )
+    before = sum(r["cold_starts"] for r in rows.values())
+    with httpx.Client(
+        base_url=pooled.api_url, headers={"authorization": f"Bearer {key}"}, timeout=300
+    ) as http:
+        for model in order:
+            answer = http.post("/chat/completions", json=chat(model))
+            assert answer.status_code == 200, answer.text
+    after = models(operator)
+    assert simulated.cold_starts == 2
+    assert sum(r["cold_starts"] for r in after.values()) - before == simulated.cold_starts
+    assert {n: r["state"] for n, r in after.items()} == {
+        "chat-a": "ready",
+        "chat-b": "ready",
+        "chat-c": "cold",
+    }
+
+
+def deploy(operator: httpx.Client, name: str, **body: Any) -> httpx.Response:
+    return operator.put(f"/models/{name}", json=body)
+
+
+async def test_a_model_deployed_live_is_served_by_another_replica_and_retired_after_draining(
+    pooled: Gateway, replica: Gateway, key: str, operator: httpx.Client, deployment: Deployment
+) -> None:
+    answer = await asyncio.to_thread(deploy, operator, "chat-d", source="/nowhere/model")
+    assert answer.status_code == 400, answer.text
+    assert "/nowhere/model" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["param"] == "source"
+    answer = await asyncio.to_thread(
+        deploy,
+        operator,
+        "chat-d",
+        source="{data_dir}/models/demo-chat",
+        memory_gb=1.5,
+        engine={
+            "max_model_len": 2048,
+            "dtype": "float32",
+            "kv_cache_gb": 0.25,
+            "extra": {"enforce_eager": True},
+        },
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["state"] == "cold"
+    deployed = time.monotonic()
+    async with api(replica, key) as other:
+        while True:
+            listed = await other.get("/models")
+            if "chat-d" in {m["id"] for m in listed.json()["data"]}:
+                break
+            assert time.monotonic() - deployed < 10, "the other replica did not see chat-d"
+            await asyncio.sleep(0.2)
+        body = chat("chat-d", max_tokens=600, stream=True, ignore_eos=True)
+        async with other.stream("POST", "/chat/completions", json=body) as stream:
+            assert stream.status_code == 200
+            assert float(stream.headers["x-tollgate-cold-start-ms"]) > 1000
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: {"):
+                    break
+            # Retired while this stream runs: the stream ends in full, new requests 404.
+            gone = await asyncio.to_thread(operator.delete, "/models/chat-d")
+            assert gone.status_code == 200, gone.text
+            assert gone.json() == {"id": "chat-d", "object": "model", "deleted": True}
+            # The other replica hears of it within its catalog refresh (2 s).
+            retired = time.monotonic()
+            while (
+                refused := await other.post("/chat/completions", json=chat("chat-d"))
+            ).is_success:
+                assert time.monotonic() - retired < 10, "the other replica still serves chat-d"
+                await asyncio.sleep(0.3)
+            rest = [line async for line in lines if line]
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["error"]["code"] == "model_not_found"
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        finishes = [x for x in rest if '"finish_reason":"length"' in x]
+        assert finishes, rest[-3:]
+    answer = await asyncio.to_thread(operator.delete, "/models/chat-d")
+    assert answer.status_code == 404
+
+
+def test_an_idle_timeout_set_live_takes_an_idle_model_out(
+    operator: httpx.Client, pooled: Gateway
+) -> None:
+    row = models(operator)["chat-a"]
+    answer = deploy(
+        operator,
+        "chat-a",
+        source="{data_dir}/models/demo-chat",
+        memory_gb=1.6,
+        idle_timeout_s=3,
+        engine={
+            "max_model_len": 2048,
+            "dtype": "float32",
+            "kv_cache_gb": 0.25,
+            "max_num_seqs": 16,
+            "extra": {"enforce_eager": True},
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    # The same engine: a change of pool settings does not restart it.
+    assert answer.json()["state"] == "ready"
+    assert answer.json()["cold_starts"] == row["cold_starts"]
+    deadline = time.monotonic() + 20
     while (row := models(operator)["chat-a"])["state"] != "cold":
         assert time.monotonic() < deadline, row
         time.sleep(0.5)
     assert row["idle_stops"] == 1, row
-    assert states(operator)["chat-b"] == "ready"  # no idle timeout of its own
+    assert models(operator)["chat-b"]["state"] == "ready"  # no idle timeout of its own
     assert httpx.get(pooled.base_url + "/readyz").status_code == 200
 
 
-def test_the_pool_is_the_operators_to_see(pooled: Gateway, key: str) -> None:
+def test_the_pool_is_the_operators_to_see_and_change(pooled: Gateway, key: str) -> None:
+    auth = {"authorization": f"Bearer {key}"}
+    base = pooled.base_url + "/admin/v1"
     for path in ("/models", "/placement"):
-        answer = httpx.get(
-            pooled.base_url + "/admin/v1" + path, headers={"authorization": f"Bearer {key}"}
-        )
+        answer = httpx.get(base + path, headers=auth)
         assert answer.status_code == 403, answer.text
+    answer = httpx.put(base + "/models/chat-x", headers=auth, json={"source": "/srv/none"})
+    assert answer.status_code == 403, answer.text
+    answer = httpx.delete(base + "/models/chat-b", headers=auth)
+    assert answer.status_code == 403, answer.text
