@@ -296,6 +296,8 @@ class PriceBook:
     def price_at(self, model: str, when: datetime) -> Price | None:
         """The version of ``model``'s price in force at ``when``, or ``None`` before the first.
 
+        An adapter (``model:adapter``) without a price of its own has its model's.
+
         Raises:
             ValueError: ``when`` is naive.
         """
@@ -303,7 +305,8 @@ class PriceBook:
             raise ValueError("price lookups need a timezone-aware instant")
         starts = self._starts.get(model)
         if not starts:
-            return None
+            base, sep, _adapter = model.rpartition(":")
+            return self.price_at(base, when) if sep and base else None
         index = bisect.bisect_right(starts, when) - 1
         return self._versions[model][index] if index >= 0 else None
 

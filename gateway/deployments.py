@@ -25,7 +25,7 @@ import msgspec
 
 from gateway.db import AccountStore
 from serving import Catalog, CatalogError, EngineHost, ModelSpec
-from serving.catalog import check_spec, spec_document
+from serving.catalog import AdapterSpec, check_spec, spec_document
 
 __all__ = ["CatalogSync"]
 
@@ -139,6 +139,33 @@ class CatalogSync:
         if self.host.catalog.get(resolved.name) is None:
             raise CatalogError(f"model {spec.name!r} could not be deployed (see the log)")
         return created
+
+    async def put_adapter(self, model: str, adapter: AdapterSpec) -> bool:
+        """Register (or replace) one of a model's LoRA adapters on every replica; whether it
+        is new. A model whose engine runs without LoRA gets a new engine (see
+        `serving.EngineHost.deploy`).
+
+        Raises:
+            KeyError: no model ``model``.
+            CatalogError: see `check`.
+        """
+        spec = self.host.catalog.get(model)
+        if spec is None or spec.name != model:
+            raise KeyError(model)
+        others = [a for a in spec.adapters if a.name != adapter.name]
+        await self.put(msgspec.structs.replace(spec, adapters=(*others, adapter)))
+        return len(others) == len(spec.adapters)
+
+    async def delete_adapter(self, model: str, adapter: str) -> bool:
+        """Take an adapter off a model on every replica; whether it had it."""
+        spec = self.host.catalog.get(model)
+        if spec is None or spec.name != model:
+            return False
+        kept = tuple(a for a in spec.adapters if a.name != adapter)
+        if len(kept) == len(spec.adapters):
+            return False
+        await self.put(msgspec.structs.replace(spec, adapters=kept))
+        return True
 
     async def delete(self, name: str) -> bool:
         """Retire a model on every replica; whether it was deployed."""

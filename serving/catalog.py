@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
+    "AdapterSpec",
     "Catalog",
     "CatalogError",
     "EngineOptions",
@@ -40,7 +41,9 @@ __all__ = [
 
 ModelKind = Literal["chat", "embedding"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_NAME = re.compile(r"^[A-Za-z0-9][\w.:-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,127}$")
+#: An adapter is called ``model:adapter``, so neither name holds a colon.
+_ADAPTER = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 
 
 class CatalogError(ValueError):
@@ -65,8 +68,26 @@ class EngineOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     #: cut per-chunk work under load at the cost of smoothness.
     stream_interval: int = 1
     seed: int = 0
+    #: LoRA adapters resident on the device at once (vLLM's ``max_loras``; the adapters
+    #: beyond wait in host memory, least recently used out). Unset: 4 when the model has
+    #: adapters, LoRA off otherwise. Setting it keeps LoRA on, so that adapters can be
+    #: registered later without a new engine.
+    max_loras: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: The largest adapter rank the engine takes (vLLM's ``max_lora_rank``).
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
     #: Further ``AsyncEngineArgs`` fields passed through unchanged.
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class AdapterSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A LoRA adapter of a model (PEFT's layout on disk: ``adapter_config.json`` and the
+    weights), served as ``model:name`` on the model's engine."""
+
+    name: str
+    #: A local path, as a model's ``source`` (``{data_dir}``, relative to the models file).
+    source: str
+    #: Filled in by :func:`check_spec`.
+    resolved_source: str = ""
 
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -84,6 +105,8 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     pin: bool = False
     #: Taken off the device after this long without requests; unset: the pool's default.
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: LoRA adapters served on this model's engine, as ``model:adapter``.
+    adapters: tuple[AdapterSpec, ...] = ()
     #: Filled in by :func:`load_catalog`: an absolute path, or the hub id as written.
     resolved_source: str = ""
 
@@ -107,6 +130,18 @@ class Catalog:
     def get(self, name: str) -> ModelSpec | None:
         """The entry called ``name`` (or aliased so), if any."""
         return self._by_name.get(name)
+
+    def resolve(self, name: str) -> tuple[ModelSpec, AdapterSpec | None] | None:
+        """The entry ``name`` calls for: a model (or alias), or ``model:adapter``."""
+        spec = self._by_name.get(name)
+        if spec is not None:
+            return spec, None
+        base, sep, adapter = name.rpartition(":")
+        spec = self._by_name.get(base) if sep else None
+        if spec is None:
+            return None
+        found = next((a for a in spec.adapters if a.name == adapter), None)
+        return (spec, found) if found is not None else None
 
     def with_model(self, spec: ModelSpec) -> Catalog:
         """This catalog with ``spec`` added, or in place of the entry of its name.
@@ -160,12 +195,29 @@ def check_spec(spec: ModelSpec, base_dir: Path, data_dir: Path) -> ModelSpec:
         if not _NAME.match(name):
             raise CatalogError(f"model {spec.name!r}: {name!r} is not a valid model name")
     resolved = _resolve_source(spec, base_dir, data_dir)
-    return msgspec.structs.replace(spec, resolved_source=resolved)
+    adapters = []
+    seen: set[str] = set()
+    for adapter in spec.adapters:
+        if not _ADAPTER.match(adapter.name) or adapter.name in seen:
+            raise CatalogError(
+                f"model {spec.name!r}: adapter name {adapter.name!r} is not valid or used twice"
+            )
+        seen.add(adapter.name)
+        path = Path(adapter.source.replace("{data_dir}", str(data_dir.resolve()))).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not (path / "adapter_config.json").is_file():
+            raise CatalogError(
+                f"model {spec.name!r}: adapter source {adapter.source!r} has no "
+                f"adapter_config.json (looked at {path})"
+            )
+        adapters.append(msgspec.structs.replace(adapter, resolved_source=str(path.resolve())))
+    return msgspec.structs.replace(spec, resolved_source=resolved, adapters=tuple(adapters))
 
 
 def spec_document(spec: ModelSpec) -> bytes:
     """The entry as stored and compared: as written, without what this process resolved."""
-    return msgspec.json.encode(msgspec.structs.replace(spec, resolved_source=""))
+    adapters = tuple(msgspec.structs.replace(a, resolved_source="") for a in spec.adapters)
+    return msgspec.json.encode(msgspec.structs.replace(spec, resolved_source="", adapters=adapters))
 
 
 def load_catalog(path: Path, data_dir: Path) -> Catalog:

@@ -294,8 +294,9 @@ class GenerationEngine(ModelEngine):
         *,
         stream: bool,
         context: RequestContext | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Generate from token ids.
+        """Generate from token ids, with one of the model's LoRA adapters if ``adapter``.
 
         ``context`` places the request in the engine's admission queue (its group, weight
         and class) and its prefix cache (its salt); see `serving.fairqueue`.

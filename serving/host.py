@@ -212,6 +212,15 @@ class EngineHost:
         spec = self.catalog.get(model)
         return self._engines[spec.name] if spec is not None else None
 
+    def resolve(self, model: str) -> tuple[ModelEngine, str | None] | None:
+        """The engine serving ``model`` (a name, an alias or ``model:adapter``) and the
+        adapter's name."""
+        found = self.catalog.resolve(model)
+        if found is None:
+            return None
+        spec, adapter = found
+        return self._engines[spec.name], adapter.name if adapter is not None else None
+
     def generation(self, model: str) -> GenerationEngine | None:
         engine = self.get(model)
         return engine if isinstance(engine, GenerationEngine) else None
@@ -234,12 +243,16 @@ class EngineHost:
 
 
 def _same_engine(a: ModelSpec, b: ModelSpec) -> bool:
-    """Whether two entries run the same engine (they differ in pool settings at most)."""
-    return (a.source, a.resolved_source, a.kind, a.engine) == (
+    """Whether two entries run the same engine: they differ in pool settings or adapters
+    at most (an engine with LoRA on takes new adapters as they come)."""
+    from serving.vllm_engine import lora_enabled
+
+    return (a.source, a.resolved_source, a.kind, a.engine, lora_enabled(a)) == (
         b.source,
         b.resolved_source,
         b.kind,
         b.engine,
+        lora_enabled(b),
     )
 
 

@@ -110,6 +110,11 @@ def pin_engine_processes(cpus: set[int] | None) -> None:
                 continue
 
 
+def lora_enabled(spec: ModelSpec) -> bool:
+    """Whether the model's engine runs with LoRA (it has adapters, or room for them)."""
+    return spec.kind == "chat" and bool(spec.adapters or spec.engine.max_loras)
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -190,6 +195,8 @@ class _VllmEngine(ModelEngine):
         #: Asleep (or waking) in vLLM's sleep mode; ``None`` when awake or not started.
         self._sleep_state: EngineState | None = None
         self._sleep_mode = False
+        #: vLLM's adapter ids, one per adapter (name and weights) for the engine's life.
+        self._lora_ids: dict[tuple[str, str], int] = {}
 
     def _engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -227,6 +234,10 @@ class _VllmEngine(ModelEngine):
                     "crashes the engine)"
                 )
             kwargs["enable_chunked_prefill"] = False
+        if self._runner == "generate" and lora_enabled(self.spec):
+            kwargs["enable_lora"] = True
+            kwargs["max_loras"] = opts.max_loras or 4
+            kwargs["max_lora_rank"] = opts.max_lora_rank
         if self.pool is not None and self.pool.can_sleep:
             kwargs["enable_sleep_mode"] = self._sleep_mode = True
         if self._runner == "generate":
@@ -543,10 +554,12 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         *,
         stream: bool,
         context: RequestContext | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
         self.check_prompt(prompt, options.max_tokens)
+        lora = self._lora(adapter) if adapter is not None else None
         if options.logit_bias and max(options.logit_bias) >= self._vocab_size:
             raise InvalidPrompt(
                 f"logit_bias token ids must lie in [0, {self._vocab_size}) for this model",
@@ -559,8 +572,30 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             copies, options = options.n, msgspec.structs.replace(options, n=1)
         params = self._sampling_params(options, stream=stream)
         return self._run(
-            prompt, params, request_id, options.logprobs, copies, context or RequestContext()
+            prompt,
+            params,
+            request_id,
+            options.logprobs,
+            copies,
+            context or RequestContext(),
+            lora,
         )
+
+    def _lora(self, adapter: str) -> Any:
+        """vLLM's request for one of the model's adapters; the engine loads it on first use
+        and keeps the most recently used ``max_loras`` on the device."""
+        from vllm.lora.request import LoRARequest
+
+        found = next((a for a in self.spec.adapters if a.name == adapter), None)
+        if found is None or not lora_enabled(self.spec):
+            raise InvalidPrompt(
+                f"the model `{self.name}` has no adapter `{adapter}`", param="model"
+            )
+        key = (found.name, found.resolved_source)
+        lora_id = self._lora_ids.get(key)
+        if lora_id is None:  # a new adapter, or the same name on new weights: a new id
+            lora_id = self._lora_ids[key] = len(self._lora_ids) + 1
+        return LoRARequest(f"{self.name}:{found.name}", lora_id, found.resolved_source)
 
     async def _run(
         self,
@@ -570,6 +605,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         logprobs: int | None,
         copies: int,
         context: RequestContext,
+        lora: Any = None,
     ) -> AsyncIterator[GenerationChunk]:
         pool = self.pool
         if pool is not None:
@@ -580,7 +616,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             queue_ms = await self.queue.acquire(context, len(prompt)) * 1000
             try:
                 async with contextlib.aclosing(
-                    self._stream(llm, prompt, params, request_id, logprobs, copies, context)
+                    self._stream(llm, prompt, params, request_id, logprobs, copies, context, lora)
                 ) as chunks:
                     async for chunk in chunks:
                         chunk.queue_ms = queue_ms
@@ -602,6 +638,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         logprobs: int | None,
         copies: int,
         context: RequestContext,
+        lora: Any = None,
     ) -> AsyncGenerator[GenerationChunk, None]:
         from vllm.inputs import TokensPrompt
 
@@ -610,7 +647,7 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
         tokens = TokensPrompt(prompt_token_ids=prompt)
         if context.cache_salt is not None:
             tokens["cache_salt"] = context.cache_salt
-        results = llm.generate(tokens, params, request_id)
+        results = llm.generate(tokens, params, request_id, lora_request=lora)
         stats = self._stats
         queue = self.queue
         engine_ms: float | None = None

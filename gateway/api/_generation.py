@@ -98,6 +98,7 @@ class Generation:
         cache_mode: CacheMode = CacheMode.USE,
         context: RequestContext | None = None,
         recording: Recording | None = None,
+        adapter: str | None = None,
     ) -> None:
         self.flavor = flavor
         self.engine = engine
@@ -131,7 +132,12 @@ class Generation:
                 cast(
                     AsyncGenerator[GenerationChunk, None],
                     engine.generate(
-                        prompt, options, f"{call.request_id}-{i}", stream=True, context=context
+                        prompt,
+                        options,
+                        f"{call.request_id}-{i}",
+                        stream=True,
+                        context=context,
+                        adapter=adapter,
                     ),
                 )
                 for i, prompt in enumerate(prompts)
@@ -236,7 +242,7 @@ class Generation:
             "id": self.response_id,
             "object": self.object,
             "created": self.created,
-            "model": self.engine.name,
+            "model": self.call.model,
             "choices": acc.choices(self.flavor),
             "usage": usage_body(self.call.usage),
             "system_fingerprint": None,
@@ -317,7 +323,7 @@ class Generation:
             "id": self.response_id,
             "object": self.object + ".chunk" if self.flavor == "chat" else self.object,
             "created": self.created,
-            "model": self.engine.name,
+            "model": self.call.model,
             "system_fingerprint": None,
             "choices": choices,
         }

@@ -53,6 +53,7 @@ from gateway.errors import (
 from gateway.policy import PolicyError, ServingPatch
 from gateway.services import Services
 from serving import CatalogError, EngineOptions, ModelSpec
+from serving.catalog import AdapterSpec
 from serving.pool import ModelStatus, Placement
 
 
@@ -74,6 +75,21 @@ class ModelDeployment(msgspec.Struct, forbid_unknown_fields=True):
     memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
     pin: bool = False
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    adapters: tuple[AdapterSpec, ...] = ()
+
+
+class AdapterRegistration(msgspec.Struct, forbid_unknown_fields=True):
+    """A LoRA adapter in PEFT's layout on disk (``adapter_config.json`` and its weights)."""
+
+    #: A local path (``{data_dir}`` stands for the data directory).
+    source: str
+
+
+class RegisteredAdapter(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    parent: str
+    source: str
 
 
 class RetiredModel(msgspec.Struct):
@@ -649,6 +665,65 @@ class AdminController(Controller):
         if spec is None or spec.name != name or not await sync.delete(name):
             raise ModelNotFound(name)
         return json_response({"id": name, "object": "model", "deleted": True})
+
+    @put(
+        "/models/{name:str}/adapters/{adapter:str}",
+        operation_class=docs.operation(
+            "registerAdapter",
+            "Register a LoRA adapter of a model, served as `model:adapter` (operator only)",
+            tag="Admin",
+            body=AdapterRegistration,
+            answers={
+                200: docs.json(RegisteredAdapter, "The adapter was replaced."),
+                201: docs.json(RegisteredAdapter, "The adapter was registered."),
+            },
+            errors=(400, 403, 404, 409, 413),
+        ),
+    )
+    async def register_adapter(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        name: FromPath[str],
+        adapter: FromPath[str],
+    ) -> Response[bytes]:
+        operator_only(caller(request), "register adapters")
+        sync = _catalog(services)
+        body = decode(await request.body(), AdapterRegistration)
+        try:
+            created = await sync.put_adapter(name, AdapterSpec(name=adapter, source=body.source))
+        except KeyError:
+            raise ModelNotFound(name) from None
+        except CatalogError as exc:
+            param = "source" if "source" in str(exc) else "adapter"
+            raise InvalidRequest(str(exc), param=param) from None
+        return json_response(
+            {"id": f"{name}:{adapter}", "object": "model", "parent": name, "source": body.source},
+            status_code=201 if created else 200,
+        )
+
+    @delete(
+        "/models/{name:str}/adapters/{adapter:str}",
+        status_code=200,
+        operation_class=docs.operation(
+            "removeAdapter",
+            "Take a LoRA adapter off a model (operator only)",
+            tag="Admin",
+            answers={200: docs.json(RetiredModel, "The adapter is gone.")},
+            errors=(403, 404, 409),
+        ),
+    )
+    async def remove_adapter(
+        self,
+        request: Request[Any, Any, Any],
+        services: NamedDependency[Services],
+        name: FromPath[str],
+        adapter: FromPath[str],
+    ) -> Response[bytes]:
+        operator_only(caller(request), "remove adapters")
+        if not await _catalog(services).delete_adapter(name, adapter):
+            raise ModelNotFound(f"{name}:{adapter}")
+        return json_response({"id": f"{name}:{adapter}", "object": "model", "deleted": True})
 
     @get(
         "/placement",

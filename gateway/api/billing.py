@@ -145,9 +145,12 @@ class BillingController(Controller):
         services: NamedDependency[Services],
     ) -> Response[bytes]:
         operator_only(caller(request), "set prices")
-        spec = services.host.catalog.get(model)
-        if spec is None:
+        found = services.host.catalog.resolve(model)
+        if found is None:
             raise InvalidRequest(f"Unknown model `{model}`.", param="model")
+        # Prices are kept under the model's own name, or an adapter's (``model:adapter``).
+        base, adapter = found
+        priced = f"{base.name}:{adapter.name}" if adapter is not None else base.name
         body = decode(await request.body(), PricePut)
         try:
             if isinstance(body.effective_from, int):
@@ -178,7 +181,7 @@ class BillingController(Controller):
                 raise InvalidRequest(f"{field} may have at most 6 decimals.", param=field)
         try:
             price = await services.usage.ledger.set_price(
-                spec.name,
+                priced,
                 input_per_mtok=body.input_per_mtok,
                 cached_input_per_mtok=body.input_per_mtok if cached is None else cached,
                 output_per_mtok=body.output_per_mtok,

@@ -71,15 +71,24 @@ def _json(body: dict[str, Any]) -> Response[bytes]:
 
 
 def _open_call(
-    request: Request[Any, Any, Any], services: Services, operation: str, engine: ModelEngine
+    request: Request[Any, Any, Any],
+    services: Services,
+    operation: str,
+    engine: ModelEngine,
+    adapter: str | None = None,
 ) -> Call:
-    """Make the request's call, once its model is known; refuse callers who may not use it."""
+    """Make the request's call, once its model is known; refuse callers who may not use it.
+
+    A call to an adapter is the adapter's (``model:adapter``): billed and priced under that
+    name (the price book falls back to the model's price).
+    """
     principal = principal_of(request.scope)
     state = request.scope.setdefault("state", {})
+    model = f"{engine.name}:{adapter}" if adapter is not None else engine.name
     call = Call(
         request_id=request_id_of(request.scope),
         operation=operation,
-        model=engine.name,
+        model=model,
         telemetry=services.telemetry,
         recorder=services.usage,
         principal=principal,
@@ -91,9 +100,9 @@ def _open_call(
             "The admin token cannot call models; use an API key of a tenant.",
             code="admin_token_not_allowed",
         )
-    if principal is not None and not principal.may_use(engine.name):
+    if principal is not None and not (principal.may_use(engine.name) or principal.may_use(model)):
         raise PermissionDenied(
-            f"This API key may not use the model `{engine.name}`.",
+            f"This API key may not use the model `{model}`.",
             param="model",
             code="model_not_allowed",
         )
@@ -119,11 +128,12 @@ async def _admit(
     call.admitted(ticket)
 
 
-def _engine(host: EngineHost, model: str) -> ModelEngine:
-    engine = host.get(model)
-    if engine is None:
+def _engine(host: EngineHost, model: str) -> tuple[ModelEngine, str | None]:
+    """The engine serving ``model``, and the adapter it names (``model:adapter``)."""
+    found = host.resolve(model)
+    if found is None:
         raise ModelNotFound(model)
-    return engine
+    return found
 
 
 def _generation_engine(engine: ModelEngine, model: str) -> GenerationEngine:
@@ -245,8 +255,8 @@ class OpenAIController(Controller):
         # One dependency: litestar resolves several in a task group, a cost on every call.
         host, settings = services.host, services.settings
         req = decode(await request.body(), ChatCompletionRequest)
-        engine = _engine(host, req.model)
-        call = _open_call(request, services, "chat", engine)
+        engine, adapter = _engine(host, req.model)
+        call = _open_call(request, services, "chat", engine, adapter)
         gen_engine = _generation_engine(engine, req.model)
         _refuse_unsupported(req)
         _check_n(req.n, settings)
@@ -277,6 +287,7 @@ class OpenAIController(Controller):
             logprobs,
             services,
             response_format=_response_format(req),
+            adapter=adapter,
         )
 
     @post(
@@ -314,8 +325,8 @@ class OpenAIController(Controller):
         # One dependency: litestar resolves several in a task group, a cost on every call.
         host, settings = services.host, services.settings
         req = decode(await request.body(), CompletionRequest)
-        engine = _engine(host, req.model)
-        call = _open_call(request, services, "text_completion", engine)
+        engine, adapter = _engine(host, req.model)
+        call = _open_call(request, services, "text_completion", engine, adapter)
         gen_engine = _generation_engine(engine, req.model)
         _refuse_unsupported(req)
         _check_n(req.n, settings)
@@ -335,7 +346,16 @@ class OpenAIController(Controller):
         except ServingError as exc:
             raise api_error(exc) from exc
         return await self._start(
-            "text", request, call, gen_engine, prompts, req, req.max_tokens, req.logprobs, services
+            "text",
+            request,
+            call,
+            gen_engine,
+            prompts,
+            req,
+            req.max_tokens,
+            req.logprobs,
+            services,
+            adapter=adapter,
         )
 
     async def _start(
@@ -351,6 +371,7 @@ class OpenAIController(Controller):
         services: Services,
         *,
         response_format: ResponseFormat | None = None,
+        adapter: str | None = None,
     ) -> Response[Any]:
         longest = max(len(p) for p in prompts)
         if max_tokens is None:
@@ -378,7 +399,7 @@ class OpenAIController(Controller):
         if cache.enabled and deterministic(options):
             key = cache.key(
                 tenant=principal.tenant_id or "" if principal is not None else "",
-                model=engine.name,
+                model=call.model,
                 model_digest=_digest(engine.spec),
                 prompts=prompts,
                 options=options,
@@ -400,6 +421,7 @@ class OpenAIController(Controller):
                 cache_mode=mode,
                 context=context,
                 recording=recording,
+                adapter=adapter,
             )
         except ServingError as exc:
             raise api_error(exc) from exc
@@ -446,7 +468,7 @@ class OpenAIController(Controller):
         # One dependency: litestar resolves several in a task group, a cost on every call.
         host, settings = services.host, services.settings
         req = decode(await request.body(), EmbeddingRequest)
-        engine = _engine(host, req.model)
+        engine, _adapter = _engine(host, req.model)
         call = _open_call(request, services, "embeddings", engine)
         if not isinstance(engine, EmbeddingEngine):
             raise InvalidRequest(
@@ -483,11 +505,12 @@ class OpenAIController(Controller):
         self, request: Request[Any, Any, Any], host: NamedDependency[EngineHost]
     ) -> Response[bytes]:
         principal = principal_of(request.scope)
-        cards = [
-            _model_card(s.name)
-            for s in host.catalog
-            if principal is None or principal.may_use(s.name)
-        ]
+        cards = []
+        for spec in host.catalog:
+            names = [spec.name, *(f"{spec.name}:{a.name}" for a in spec.adapters)]
+            for name in names:
+                if principal is None or principal.may_use(spec.name) or principal.may_use(name):
+                    cards.append(_model_card(name))
         return _json({"object": "list", "data": cards})
 
     @get(
@@ -507,11 +530,16 @@ class OpenAIController(Controller):
         request: Request[Any, Any, Any],
         host: NamedDependency[EngineHost],
     ) -> Response[bytes]:
-        spec = host.catalog.get(model_id.lstrip("/"))
+        wanted = model_id.lstrip("/")
+        found = host.catalog.resolve(wanted)
         principal = principal_of(request.scope)
-        if spec is None or (principal is not None and not principal.may_use(spec.name)):
-            raise ModelNotFound(model_id.lstrip("/"))
-        return _json(_model_card(spec.name))
+        if found is None:
+            raise ModelNotFound(wanted)
+        spec, adapter = found
+        name = f"{spec.name}:{adapter.name}" if adapter is not None else spec.name
+        if principal is not None and not (principal.may_use(spec.name) or principal.may_use(name)):
+            raise ModelNotFound(wanted)
+        return _json(_model_card(name))
 
 
 class _Embeddings:

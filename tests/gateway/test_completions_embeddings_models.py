@@ -105,7 +105,7 @@ def test_sdk_embeddings_default_base64_path(client: openai.OpenAI) -> None:
 
 def test_models_list_and_get(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"demo-chat", "minilm"}
+    assert ids == {"demo-chat", "demo-chat:sample", "minilm"}
     assert client.models.retrieve("demo-chat").id == "demo-chat"
     assert client.models.retrieve("demo").id == "demo-chat"
 
