@@ -401,15 +401,24 @@ class AccountStore:
 
     async def seed_catalog(self, deployment: str, digest: str, specs: dict[str, str]) -> bool:
         """Store the entries of a models file unless this same file (``digest``) seeded the
-        deployment before; whether it did now. Entries made through the admin API and not
-        in the file stay; entries of the file replace stored ones of the same name."""
+        deployment before; whether it did now. The file's entries replace stored ones of the
+        same names; entries an earlier file put there and this one lacks go; entries made
+        through the admin API and absent from the file stay."""
 
         def work(session: Session) -> bool:
             seed = session.get(CatalogSeed, deployment, with_for_update=True)
             if seed is not None and seed.digest == digest:
                 return False
+            stale = session.exec(
+                select(DeployedModel).where(
+                    DeployedModel.deployment == deployment, DeployedModel.origin == "file"
+                )
+            ).all()
+            for row in stale:
+                if row.name not in specs:
+                    session.delete(row)
             for name, spec in specs.items():
-                _put_model(session, deployment, name, spec)
+                _put_model(session, deployment, name, spec, origin="file")
             if seed is None:
                 session.add(CatalogSeed(deployment=deployment, digest=digest))
             else:
@@ -434,7 +443,7 @@ class AccountStore:
         """Store a model's entry; its version and whether it is new."""
 
         def work(session: Session) -> tuple[int, bool]:
-            return _put_model(session, deployment, name, spec)
+            return _put_model(session, deployment, name, spec, origin="api")
 
         return await self._run(work, write=True)
 
@@ -451,14 +460,18 @@ class AccountStore:
         return await self._run(work, write=True)
 
 
-def _put_model(session: Session, deployment: str, name: str, spec: str) -> tuple[int, bool]:
+def _put_model(
+    session: Session, deployment: str, name: str, spec: str, *, origin: str
+) -> tuple[int, bool]:
     row = session.get(DeployedModel, (deployment, name), with_for_update=True)
     if row is None:
-        session.add(DeployedModel(deployment=deployment, name=name, version=1, spec=spec))
+        session.add(
+            DeployedModel(deployment=deployment, name=name, version=1, spec=spec, origin=origin)
+        )
         return 1, True
-    if row.spec != spec:
-        row.version += 1
-        row.spec, row.updated_at = spec, utcnow()
+    if row.spec != spec or row.origin != origin:
+        row.version += row.spec != spec
+        row.spec, row.origin, row.updated_at = spec, origin, utcnow()
         session.add(row)
     return row.version, False
 

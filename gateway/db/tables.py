@@ -182,6 +182,8 @@ class DeployedModel(_Table, table=True):
     version: int = Field(sa_type=BigInteger)
     #: The catalog entry (`serving.catalog.ModelSpec`) as JSON.
     spec: str = Field(sa_type=Text)
+    #: ``file`` (the models file put it there) or ``api`` (the admin API did, last).
+    origin: str = Field(max_length=8)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -60,7 +60,7 @@ def event_totals(events: list[UsageEvent], prices: dict[int, Price]) -> dict[str
 
 
 def test_migrations_reach_head_with_the_billing_tables(engine: Engine) -> None:
-    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0005"
+    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0006"
     assert BILLING_TABLES.issubset(inspect(engine).get_table_names())
 
 

@@ -24,6 +24,8 @@ TABLES = {
     "outbox",
     "usage_dead_letter",
     "serving_policy",
+    "deployed_models",
+    "catalog_seeds",
     "alembic_version",
 }
 
@@ -51,7 +53,7 @@ def test_upgrade_empty_database_to_head_twice(new_database: Callable[[], str]) -
     assert current(database_url) is None
     assert table_names(database_url) == set()
     upgrade(database_url)
-    assert current(database_url) == head() == "0005"
+    assert current(database_url) == head() == "0006"
     assert table_names(database_url) == TABLES
     upgrade(database_url)
     assert current(database_url) == head()

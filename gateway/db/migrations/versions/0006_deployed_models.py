@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.Column("spec", sa.Text(), nullable=False),
+        sa.Column("origin", sa.String(length=8), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("deployment", "name", name="pk_deployed_models"),
     )
