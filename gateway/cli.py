@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -123,6 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (CatalogError, SettingsError) as exc:
         print(f"tollgate: {exc}", file=console)
         return 2
+    except Exception:  # a bug: on the console, not in the engines' log
+        traceback.print_exc(file=console)
+        return 1
     progress.widen([spec.name for spec in catalog])
     if engine_log is not None:
         print(f"Starting {len(catalog)} model(s); engine output: {engine_log}", file=console)

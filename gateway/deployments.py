@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.db import AccountStore
-from serving import Catalog, CatalogError, EngineHost, ModelSpec
+from serving import Catalog, CatalogError, EngineHost, ModelSpec, make_engine
 from serving.catalog import AdapterSpec, check_spec, spec_document
 
 __all__ = ["CatalogSync"]
@@ -119,10 +119,12 @@ class CatalogSync:
         """``spec`` resolved here, and fitting the catalog beside the others.
 
         Raises:
-            CatalogError: the source does not exist, a name is not valid or is taken.
+            CatalogError: the source does not exist, a name is not valid or is taken, or
+                the engine arguments are not valid.
         """
         resolved = check_spec(spec, self.data_dir, self.data_dir)
         self.host.catalog.with_model(resolved)
+        make_engine(resolved).check_options()
         return resolved
 
     async def put(self, spec: ModelSpec) -> bool:

@@ -222,6 +222,13 @@ class ModelEngine(abc.ABC):
     async def shutdown(self) -> None:
         """Stop the engine and its processes (it may be started again)."""
 
+    def check_options(self) -> None:  # noqa: B027 (engines without options to check)
+        """Check the entry's engine arguments without starting anything.
+
+        Raises:
+            CatalogError: they are not valid.
+        """
+
     def load_tokenizer(self) -> None:  # noqa: B027 (engines that need no tokenizer)
         """Load the tokenizer and chat template, and read the model's limits, without the
         engine, so that requests can be checked before anything starts. Blocking."""

@@ -159,7 +159,8 @@ class EngineHost:
         and stops.
 
         Raises:
-            CatalogError: a name or alias is another model's.
+            CatalogError: a name or alias is another model's, or the engine arguments are
+                not valid.
             Exception: the model's tokenizer or configuration did not load.
         """
         catalog = self.catalog.with_model(spec)
@@ -172,6 +173,7 @@ class EngineHost:
         engine = make_engine(
             spec, self._cpus, ready_wait_s=self._ready_wait_s, on_ready=self._engine_ready
         )
+        engine.check_options()
         await asyncio.to_thread(engine.load_tokenizer)
         self._engines[spec.name] = engine
         self.pool.add(engine)

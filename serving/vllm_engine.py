@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from serving.catalog import ModelSpec
+from serving.catalog import CatalogError, ModelSpec
 from serving.engine import (
     ChoiceDelta,
     EmbeddingBatch,
@@ -250,6 +250,17 @@ class _VllmEngine(ModelEngine):
             )
         kwargs.update(opts.extra)
         return AsyncEngineArgs(**kwargs)
+
+    def check_options(self) -> None:
+        """Check the entry's engine arguments without starting anything.
+
+        Raises:
+            CatalogError: an argument vLLM does not know or refuses, or one unsafe here.
+        """
+        try:
+            self._engine_args()
+        except (TypeError, ValueError) as exc:
+            raise CatalogError(f"model {self.name!r}: engine arguments: {exc}") from exc
 
     async def start(self) -> None:
         """Start the engine and supervise it from then on.

@@ -637,8 +637,9 @@ class AdminController(Controller):
         try:
             created = await sync.put(spec)
         except CatalogError as exc:
-            param = "source" if "source" in str(exc) else "name"
-            raise InvalidRequest(str(exc), param=param) from None
+            text = str(exc)
+            param = next((p for p in ("source", "engine", "adapter") if p in text), "name")
+            raise InvalidRequest(text, param=param) from None
         row = next(s for s in services.host.pool.status() if s.name == name)
         return json_response(msgspec.to_builtins(row), status_code=201 if created else 200)
 

@@ -292,6 +292,16 @@ async def test_a_model_deployed_live_is_served_by_another_replica_and_retired_af
         operator,
         "chat-d",
         source="{data_dir}/models/demo-chat",
+        engine={"extra": {"no_such_engine_argument": 1}},
+    )
+    assert answer.status_code == 400, answer.text
+    assert "no_such_engine_argument" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["param"] == "engine"
+    answer = await asyncio.to_thread(
+        deploy,
+        operator,
+        "chat-d",
+        source="{data_dir}/models/demo-chat",
         memory_gb=1.5,
         engine={
             "max_model_len": 2048,
