@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/efficiency.py
+	$(BIN)/python bench/colocation.py
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -53,7 +53,7 @@ __all__ = [
 #: sleep mode level 1 (weights to host memory), with wake taken as one fifteenth of a
 #: 30-second start, the slow end of vLLM's published 18 to 200 times faster than a reload.
 COSTS: dict[str, dict[str, float]] = {
-    "cpu": {"start_s": 20.0, "stop_s": 5.0},
+    "cpu": {"start_s": 24.0, "stop_s": 4.5},
     "gpu-sleep": {"start_s": 30.0, "stop_s": 5.0, "sleep_s": 1.0, "wake_s": 2.0},
 }
 
@@ -354,6 +354,8 @@ def report(plan: FleetPlan, trace: Sequence[Request]) -> str:
         f"trace: {len(trace)} requests for {plan.baseline_devices} models over {span:.0f} s",
         f"devices of {plan.device_gb:g} GB needed: {plan.devices} "
         f"(one device per model: {plan.baseline_devices}; {plan.ratio:.2f}x)",
+        f"requests per device: {plan.requests / plan.devices:,.0f} "
+        f"(one device per model: {plan.requests / plan.baseline_devices:,.0f})",
         f"requests with a time to first token within {plan.slo_ms:g} ms: "
         f"{plan.within_slo_share:.2%} (goal {plan.goal_share:.0%})",
         f"cold starts: {plan.cold_starts}; time spent switching: {plan.switching_s:.0f} s",
