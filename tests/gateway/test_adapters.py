@@ -130,3 +130,25 @@ def test_adapters_are_the_operators_to_register(gateway: Gateway, api_key: str) 
         json={"source": "/srv/none"},
     )
     assert answer.status_code == 403, answer.text
+
+
+def test_more_adapters_than_device_slots_take_turns(admin: Admin, client: openai.OpenAI) -> None:
+    """demo-chat keeps 4 adapters on the device (max_loras): with six registered, each
+    answers in turn, the engine swapping the least recently used out."""
+    names = [f"turn{i}" for i in range(5)]
+    source = {"source": "{data_dir}/models/demo-chat-sample-lora"}
+    try:
+        for name in names:
+            answer = admin.http.put(f"/models/demo-chat/adapters/{name}", json=source)
+            assert answer.status_code == 201, answer.text
+        expected = ask(client, "demo-chat:sample").choices[0].message.content
+        for _ in range(2):
+            for name in names:
+                reply = ask(client, f"demo-chat:{name}")
+                assert reply.model == f"demo-chat:{name}"
+                assert reply.choices[0].message.content == expected
+    finally:
+        for name in names:
+            admin.http.delete(f"/models/demo-chat/adapters/{name}")
+    listed = {m.id for m in client.models.list()}
+    assert not listed & {f"demo-chat:{n}" for n in names}

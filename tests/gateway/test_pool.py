@@ -166,39 +166,64 @@ def test_an_invalid_request_for_a_cold_model_is_refused_without_waking_it(
     assert row["cold_starts"] == 0, row
 
 
-async def test_the_least_recently_used_model_leaves_for_a_cold_one(
+def test_the_least_recently_used_model_leaves_and_the_simulator_counts_the_same_cold_starts(
     pooled: Gateway, key: str, operator: httpx.Client
 ) -> None:
-    async with api(pooled, key) as http:
-        for model in ("chat-a", "chat-b"):  # chat-a is now the least recently used
-            answer = await http.post("/chat/completions", json=chat(model))
-            assert answer.status_code == 200, answer.text
-            assert "x-tollgate-cold-start-ms" not in answer.headers
-        # A streamed answer that had to wait says how long, with its first bytes.
-        async with http.stream(
-            "POST", "/chat/completions", json=chat("chat-c", stream=True)
-        ) as answer:
-            assert answer.status_code == 200
-            waited = float(answer.headers["x-tollgate-cold-start-ms"])
-            body = (await answer.aread()).decode()
-        assert body.rstrip().endswith("data: [DONE]"), body
-    assert waited > 1000, waited
-    rows = await asyncio.to_thread(models, operator)
-    assert {n: r["state"] for n, r in rows.items()} == {
-        "chat-a": "cold",
+    """Five requests, one after the other, through the pool and through the planner's
+    simulator: chat-c takes the place of chat-a (the least recently used), then chat-a takes
+    chat-c's; the same two cold starts both ways."""
+    rows = models(operator)
+    assert [n for n, r in rows.items() if r["state"] == "ready"] == ["chat-a", "chat-b"]
+    order = ["chat-a", "chat-b", "chat-c", "chat-b", "chat-a"]
+    trace = [
+        Request(t=100.0 * i, model=m, prompt_tokens=8, output_tokens=4) for i, m in enumerate(order)
+    ]
+    profiles = {
+        name: ModelProfile(memory_gb=row["memory_gb"], start_s=30.0, stop_s=5.0)
+        for name, row in rows.items()
+    }
+    simulated, _ = simulate_device(
+        trace, profiles, BUDGET_GB, 60_000.0, resident=["chat-a", "chat-b"]
+    )
+    before = sum(r["cold_starts"] for r in rows.values())
+    waits: dict[int, float] = {}
+    with httpx.Client(
+        base_url=pooled.api_url, headers={"authorization": f"Bearer {key}"}, timeout=300
+    ) as http:
+        for i, model in enumerate(order):
+            # Streamed: an answer that had to wait says how long, with its first bytes.
+            with http.stream("POST", "/chat/completions", json=chat(model, stream=True)) as answer:
+                assert answer.status_code == 200
+                if "x-tollgate-cold-start-ms" in answer.headers:
+                    waits[i] = float(answer.headers["x-tollgate-cold-start-ms"])
+                body = answer.read().decode()
+            assert body.rstrip().endswith("data: [DONE]"), body
+            if model == "chat-c":
+                assert states(operator) == {
+                    "chat-a": "cold",
+                    "chat-b": "ready",
+                    "chat-c": "ready",
+                }
+    after = models(operator)
+    assert sorted(waits) == [2, 4], waits  # chat-c, then chat-a again
+    assert min(waits.values()) > 1000, waits
+    assert simulated.cold_starts == 2
+    assert sum(r["cold_starts"] for r in after.values()) - before == simulated.cold_starts
+    assert {n: r["state"] for n, r in after.items()} == {
+        "chat-a": "ready",
         "chat-b": "ready",
-        "chat-c": "ready",
-    }, rows
-    assert rows["chat-a"]["evictions"] == 1
-    assert rows["chat-c"]["cold_starts"] == 1
-    assert rows["chat-c"]["last_cold_start_ms"] <= waited + 50
+        "chat-c": "cold",
+    }
+    assert after["chat-a"]["evictions"] == 1
+    assert after["chat-c"]["evictions"] == 1
+    assert after["chat-a"]["last_cold_start_ms"] <= waits[4] + 50
 
 
 async def test_a_model_with_a_request_in_flight_is_not_taken_out(
     pooled: Gateway, key: str, operator: httpx.Client
 ) -> None:
-    """chat-b is the least recently used but streams a long answer: chat-c leaves instead,
-    and the stream ends in full."""
+    """chat-b streams a long answer, then chat-a answers a short one: chat-b is the least
+    recently used, but chat-a leaves for chat-c, and the stream ends in full."""
     async with api(pooled, key) as http:
 
         async def long_stream() -> tuple[int, str | None, float]:
@@ -221,59 +246,24 @@ async def test_a_model_with_a_request_in_flight_is_not_taken_out(
             if (await asyncio.to_thread(models, operator))["chat-b"]["inflight"]:
                 break
             await asyncio.sleep(0.05)
-        answer = await http.post("/chat/completions", json=chat("chat-c"))
+        answer = await http.post("/chat/completions", json=chat("chat-a"))
         assert answer.status_code == 200, answer.text
         asked = time.monotonic()
-        answer = await http.post("/chat/completions", json=chat("chat-a"))
+        answer = await http.post("/chat/completions", json=chat("chat-c"))
         assert answer.status_code == 200, answer.text
         assert float(answer.headers["x-tollgate-cold-start-ms"]) > 1000
         tokens, finish, ended = await stream
     if ended < asked:
-        pytest.fail("the stream ended before chat-a was asked for: make it longer")
+        pytest.fail("the stream ended before chat-c was asked for: make it longer")
     assert (tokens, finish) == (1800, "length")
     rows = await asyncio.to_thread(models, operator)
     assert {n: r["state"] for n, r in rows.items()} == {
-        "chat-a": "ready",
+        "chat-a": "cold",
         "chat-b": "ready",
-        "chat-c": "cold",
+        "chat-c": "ready",
     }, rows
     assert rows["chat-b"]["evictions"] == 0
-    assert rows["chat-c"]["evictions"] == 1
-
-
-def test_the_simulator_counts_the_cold_starts_a_real_pool_has(
-    pooled: Gateway, key: str, operator: httpx.Client
-) -> None:
-    """The same five requests, one after the other, through the planner's simulator and
-    through the pool: the same cold starts."""
-    rows = models(operator)
-    assert [n for n, r in rows.items() if r["state"] == "ready"] == ["chat-a", "chat-b"]
-    order = ["chat-a", "chat-b", "chat-c", "chat-b", "chat-a"]
-    trace = [
-        Request(t=100.0 * i, model=m, prompt_tokens=8, output_tokens=4) for i, m in enumerate(order)
-    ]
-    profiles = {
-        name: ModelProfile(memory_gb=row["memory_gb"], start_s=30.0, stop_s=5.0)
-        for name, row in rows.items()
-    }
-    simulated, _ = simulate_device(
-        trace, profiles, BUDGET_GB, 60_000.0, resident=["chat-a", "chat-b"]
-    )
-    before = sum(r["cold_starts"] for r in rows.values())
-    with httpx.Client(
-        base_url=pooled.api_url, headers={"authorization": f"Bearer {key}"}, timeout=300
-    ) as http:
-        for model in order:
-            answer = http.post("/chat/completions", json=chat(model))
-            assert answer.status_code == 200, answer.text
-    after = models(operator)
-    assert simulated.cold_starts == 2
-    assert sum(r["cold_starts"] for r in after.values()) - before == simulated.cold_starts
-    assert {n: r["state"] for n, r in after.items()} == {
-        "chat-a": "ready",
-        "chat-b": "ready",
-        "chat-c": "cold",
-    }
+    assert rows["chat-a"]["evictions"] == 2
 
 
 def deploy(operator: httpx.Client, name: str, **body: Any) -> httpx.Response:
@@ -352,10 +342,10 @@ async def test_a_model_deployed_live_is_served_by_another_replica_and_retired_af
 def test_an_idle_timeout_set_live_takes_an_idle_model_out(
     operator: httpx.Client, pooled: Gateway
 ) -> None:
-    row = models(operator)["chat-a"]
+    row = models(operator)["chat-c"]
     answer = deploy(
         operator,
-        "chat-a",
+        "chat-c",
         source="{data_dir}/models/demo-chat",
         memory_gb=1.6,
         idle_timeout_s=3,
@@ -372,7 +362,7 @@ def test_an_idle_timeout_set_live_takes_an_idle_model_out(
     assert answer.json()["state"] == "ready"
     assert answer.json()["cold_starts"] == row["cold_starts"]
     deadline = time.monotonic() + 20
-    while (row := models(operator)["chat-a"])["state"] != "cold":
+    while (row := models(operator)["chat-c"])["state"] != "cold":
         assert time.monotonic() < deadline, row
         time.sleep(0.5)
     assert row["idle_stops"] == 1, row
