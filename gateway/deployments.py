@@ -134,6 +134,15 @@ class CatalogSync:
             CatalogError: see `check`.
         """
         resolved = self.check(spec)
+        # What a replica does first with it: load its tokenizer and configuration. A model
+        # that cannot is refused here rather than stored for every replica to fail on.
+        try:
+            await asyncio.to_thread(make_engine(resolved).load_tokenizer)
+        except Exception as exc:
+            raise CatalogError(
+                f"model {spec.name!r}: source {spec.source!r}: its tokenizer or configuration "
+                f"did not load ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
         _version, created = await self.accounts.put_model(
             self.deployment, spec.name, _stored(spec).decode()
         )

@@ -413,11 +413,18 @@ class AdminController(Controller):
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise InvalidRequest("expires_at is in the past.", param="expires_at")
         if body.models is not None:
-            unknown = [m for m in body.models if services.host.catalog.get(m) is None]
+            catalog = services.host.catalog
+            unknown = [m for m in body.models if catalog.resolve(m) is None]
             if unknown:
                 raise InvalidRequest(f"Unknown model(s): {', '.join(unknown)}.", param="models")
+            # Canonical names: a model (and with it its adapters), or one adapter.
             models: list[str] | None = sorted(
-                {spec.name for m in body.models if (spec := services.host.catalog.get(m))}
+                {
+                    f"{spec.name}:{adapter.name}" if adapter is not None else spec.name
+                    for m in body.models
+                    if (found := catalog.resolve(m)) is not None
+                    for spec, adapter in [found]
+                }
             )
         else:
             models = None

@@ -152,3 +152,19 @@ def test_more_adapters_than_device_slots_take_turns(admin: Admin, client: openai
             admin.http.delete(f"/models/demo-chat/adapters/{name}")
     listed = {m.id for m in client.models.list()}
     assert not listed & {f"demo-chat:{n}" for n in names}
+
+
+def test_a_key_may_be_limited_to_one_adapter(gateway: Gateway, admin: Admin) -> None:
+    tenant = admin.tenant("one-adapter")
+    answer = admin.http.post(
+        f"/tenants/{tenant}/keys", json={"name": "adapter-only", "models": ["demo:sample"]}
+    )
+    assert answer.status_code == 201, answer.text
+    admin.secrets.append(answer.json()["value"])
+    assert answer.json()["models"] == ["demo-chat:sample"]
+    key = answer.json()["value"]
+    with openai.OpenAI(base_url=gateway.api_url, api_key=key, max_retries=0) as c:
+        assert [m.id for m in c.models.list()] == ["demo-chat:sample"]
+        assert ask(c, "demo-chat:sample").model == "demo-chat:sample"
+        with pytest.raises(openai.PermissionDeniedError):
+            ask(c, "demo-chat")

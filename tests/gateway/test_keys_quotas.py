@@ -54,7 +54,8 @@ def test_key_limited_to_models(gateway: Gateway, admin: Admin) -> None:
     tenant = admin.tenant("models-limited")
     key = admin.key(tenant, "chat-only", models=["demo"])
     with sdk(gateway, key) as c:
-        assert [m.id for m in c.models.list()] == ["demo-chat"]
+        # The model, and with it its adapters.
+        assert [m.id for m in c.models.list()] == ["demo-chat", "demo-chat:sample"]
         assert c.chat.completions.create(**CHAT, max_tokens=2).choices
         with pytest.raises(openai.PermissionDeniedError) as err:
             c.embeddings.create(model="minilm", input="hi")

@@ -51,6 +51,7 @@ max_model_len = 96
 dtype = "float32"
 kv_cache_gb = 0.25
 max_num_seqs = 32
+extra = { enforce_eager = true }
 """
 MODELS = ("demo-chat", "demo")
 #: The fields of model calls that these models honour: a body of only these, with plain
@@ -118,6 +119,12 @@ ROUTES = {
     ("get", "/admin/v1/billing/dead-letters"),
     ("get", "/admin/v1/serving"),
     ("patch", "/admin/v1/serving"),
+    ("get", "/admin/v1/models"),
+    ("put", "/admin/v1/models/{name}"),
+    ("delete", "/admin/v1/models/{name}"),
+    ("put", "/admin/v1/models/{name}/adapters/{adapter}"),
+    ("delete", "/admin/v1/models/{name}/adapters/{adapter}"),
+    ("get", "/admin/v1/placement"),
     ("get", "/metrics"),
 }
 

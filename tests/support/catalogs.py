@@ -1,6 +1,8 @@
 """Models files for gateways that need only part of the demo catalog."""
 
-#: demo-chat alone, with a small KV cache: for extra replicas and benchmarks.
+#: demo-chat alone, with a small KV cache: for extra replicas. Eager (no graph compilation):
+#: these gateways start and restart many times, and compiling costs seconds each time (the
+#: compiled path runs in the benchmarks, with the catalogs users start with).
 CHAT_ONLY = """
 [[models]]
 name = "demo-chat"
@@ -12,4 +14,5 @@ max_model_len = 512
 dtype = "float32"
 kv_cache_gb = 0.25
 max_num_seqs = 128
+extra = { enforce_eager = true }
 """
