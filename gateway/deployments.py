@@ -15,7 +15,6 @@ stored resolved against the file's folder.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import msgspec
 
 from gateway.db import AccountStore
+from gateway.refresh import Reloaded
 from serving import Catalog, CatalogError, EngineHost, ModelSpec, make_engine
 from serving.catalog import AdapterSpec, check_spec, spec_document
 
@@ -32,7 +32,7 @@ __all__ = ["CatalogSync"]
 logger = logging.getLogger(__name__)
 
 
-class CatalogSync:
+class CatalogSync(Reloaded):
     """Keeps the host's catalog equal to the deployment's stored one.
 
     Args:
@@ -44,6 +44,9 @@ class CatalogSync:
         on_change: Called after the catalog changed here.
     """
 
+    what = "the deployed catalog"
+    meanwhile = "serving the models file's"
+
     def __init__(
         self,
         accounts: AccountStore,
@@ -54,15 +57,14 @@ class CatalogSync:
         refresh_s: float = 2.0,
         on_change: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(refresh_s)
         self._on_change = on_change
         self.accounts = accounts
         self.host = host
         self.deployment = deployment
         self.data_dir = data_dir
-        self._refresh_s = refresh_s
         #: The stored version of each model this replica serves.
         self._applied: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def seed(self, models_file: Path, catalog: Catalog) -> None:
@@ -71,29 +73,6 @@ class CatalogSync:
         specs = {spec.name: _stored(spec).decode() for spec in catalog}
         if await self.accounts.seed_catalog(self.deployment, digest, specs):
             logger.info("models file %s seeded deployment %r", models_file, self.deployment)
-
-    async def start(self) -> None:
-        """Apply the stored catalog (unless the database fails: the models file's is served
-        meanwhile), then follow its changes."""
-        try:
-            await self.reload()
-        except Exception:
-            logger.exception("could not load the deployed catalog; serving the models file's")
-        self._task = asyncio.create_task(self._follow(), name="catalog-sync")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.reload()
-            except Exception:
-                logger.warning("could not reload the deployed catalog; keeping the one served")
 
     async def reload(self) -> None:
         rows = await self.accounts.deployed_models(self.deployment)

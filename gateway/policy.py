@@ -24,8 +24,6 @@ own. ``isolate_prefix`` gives a tenant's prompts a prefix-cache salt of their ow
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -36,6 +34,7 @@ import msgspec
 from gateway.auth import Principal
 from gateway.cache import ResponseCache
 from gateway.db import AccountStore
+from gateway.refresh import Reloaded
 from gateway.settings import Settings
 from serving import EngineHost, GenerationEngine, Priority, RequestContext
 
@@ -111,7 +110,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-class ServingControl:
+class ServingControl(Reloaded):
     """Holds the policy in force in this replica, applies it, and keeps it in step with the
     database.
 
@@ -124,6 +123,9 @@ class ServingControl:
         refresh_s: How often the document's version is checked.
     """
 
+    what = "the serving policy"
+    meanwhile = "using the defaults"
+
     def __init__(
         self,
         accounts: AccountStore,
@@ -134,42 +136,18 @@ class ServingControl:
         *,
         refresh_s: float = 2.0,
     ) -> None:
+        super().__init__(refresh_s)
         self.accounts = accounts
         self.host = host
         self.cache = cache
         self.settings = settings
         self._secret = secret
-        self._refresh_s = refresh_s
         self.version = 0
         self.document: dict[str, Any] = {}
         self.policy = ServingPolicy()
-        self._task: asyncio.Task[None] | None = None
         self._salts: dict[str, str] = {}
         #: The models shared across tenants unless the policy says otherwise (the settings').
         self._default_shared = cache.shared_models
-
-    async def start(self) -> None:
-        """Load and apply the stored policy (a broken one is logged and left unapplied), then
-        follow its changes."""
-        try:
-            await self.reload()
-        except Exception:
-            logger.exception("could not load the serving policy; using the defaults")
-        self._task = asyncio.create_task(self._follow(), name="serving-policy")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            try:
-                await self.reload()
-            except Exception:
-                logger.warning("could not reload the serving policy; keeping the one in force")
 
     async def reload(self) -> None:
         version, raw = await self.accounts.get_serving_policy()
