@@ -45,6 +45,58 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._cache()
         yield from self._engines()
+        yield from self._pool()
+
+    def _pool(self) -> Iterator[Metric]:
+        pool = self.host.pool
+        state = GaugeMetricFamily(
+            "tollgate_model_state",
+            "1 for each model's state on the device (cold, starting, ready, sleeping, ...).",
+            labels=["model", "state"],
+        )
+        memory = GaugeMetricFamily(
+            "tollgate_model_memory_bytes",
+            "Each model's footprint on the device (measured once it started).",
+            labels=["model"],
+        )
+        starts = CounterMetricFamily(
+            "tollgate_model_cold_starts",
+            "Times a model was brought in on demand.",
+            labels=["model"],
+        )
+        start_time = CounterMetricFamily(
+            "tollgate_model_cold_start_seconds",
+            "Time spent bringing models in on demand.",
+            labels=["model"],
+        )
+        evictions = CounterMetricFamily(
+            "tollgate_model_evictions",
+            "Times a model was taken out to make room.",
+            labels=["model"],
+        )
+        idle = CounterMetricFamily(
+            "tollgate_model_idle_stops",
+            "Times a model left the device for being idle.",
+            labels=["model"],
+        )
+        for row in pool.status():
+            state.add_metric([row.name, row.state.value], 1)
+            memory.add_metric([row.name], row.memory_gb * (1 << 30))
+            starts.add_metric([row.name], row.cold_starts)
+            start_time.add_metric([row.name], row.cold_start_ms_total / 1000)
+            evictions.add_metric([row.name], row.evictions)
+            idle.add_metric([row.name], row.idle_stops)
+        yield from (state, memory, starts, start_time, evictions, idle)
+        yield GaugeMetricFamily(
+            "tollgate_device_memory_budget_bytes",
+            "The device's memory for models.",
+            value=pool.budget_gb * (1 << 30),
+        )
+        yield GaugeMetricFamily(
+            "tollgate_device_memory_used_bytes",
+            "The footprints of the models resident on the device.",
+            value=pool.used_gb() * (1 << 30),
+        )
 
     def _cache(self) -> Iterator[Metric]:
         answers = CounterMetricFamily(

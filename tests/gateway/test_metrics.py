@@ -56,6 +56,12 @@ def test_metrics_count_cache_queue_and_engine_time(
     assert value(after["tollgate_queue_wait_seconds_count"], model=MODEL) >= 1
     assert "tollgate_prefix_cache_hit_ratio" in after
     assert "tollgate_queue_slots" in after
+    # The device's pool: every model resident, within the budget.
+    assert value(after["tollgate_model_state"], model=MODEL, state="ready") == 1
+    assert value(after["tollgate_model_memory_bytes"], model=MODEL) > 0
+    used = value(after["tollgate_device_memory_used_bytes"])
+    assert 0 < used <= value(after["tollgate_device_memory_budget_bytes"])
+    assert value(after["tollgate_model_cold_starts_total"], model=MODEL) == 0
     # Labels name models, statuses and classes; never a tenant or a key.
     text = httpx.get(
         gateway.base_url + "/metrics",

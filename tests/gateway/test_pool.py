@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.placement import ModelProfile, Request, simulate_device
 from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
@@ -367,6 +368,18 @@ def test_an_idle_timeout_set_live_takes_an_idle_model_out(
         time.sleep(0.5)
     assert row["idle_stops"] == 1, row
     assert models(operator)["chat-b"]["state"] == "ready"  # no idle timeout of its own
+    # /metrics says what the admin API says.
+    text = httpx.get(pooled.base_url + "/metrics", headers=operator.headers).text
+    samples = {
+        (sample.name, sample.labels.get("model"), sample.labels.get("state")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    for name, row in models(operator).items():
+        assert samples[("tollgate_model_cold_starts_total", name, None)] == row["cold_starts"]
+        assert samples[("tollgate_model_evictions_total", name, None)] == row["evictions"]
+        assert samples[("tollgate_model_state", name, row["state"])] == 1
+    assert samples[("tollgate_model_idle_stops_total", "chat-c", None)] == 1
     assert httpx.get(pooled.base_url + "/readyz").status_code == 200
 
 
