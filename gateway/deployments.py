@@ -98,25 +98,27 @@ class CatalogSync(Reloaded):
         """``spec`` resolved here, and fitting the catalog beside the others.
 
         Raises:
-            CatalogError: the source does not exist, a name is not valid or is taken, or
-                the engine arguments are not valid.
+            CatalogError: the source does not exist, or a name is not valid or is taken.
         """
         resolved = check_spec(spec, self.data_dir, self.data_dir)
         self.host.catalog.with_model(resolved)
-        make_engine(resolved).check_options()
         return resolved
 
     async def put(self, spec: ModelSpec) -> bool:
         """Deploy or change a model for every replica; whether it is new here.
 
         Raises:
-            CatalogError: see `check`.
+            CatalogError: see `check`; or the engine arguments are not valid, or the
+                tokenizer and configuration do not load.
         """
         resolved = self.check(spec)
-        # What a replica does first with it: load its tokenizer and configuration. A model
-        # that cannot is refused here rather than stored for every replica to fail on.
+        # What a replica does first with it (`EngineHost.deploy`): check its engine
+        # arguments and load its tokenizer and configuration. A model that fails is refused
+        # here rather than stored for every replica to fail on.
+        trial = make_engine(resolved)
+        trial.check_options()
         try:
-            await asyncio.to_thread(make_engine(resolved).load_tokenizer)
+            await asyncio.to_thread(trial.load_tokenizer)
         except Exception as exc:
             raise CatalogError(
                 f"model {spec.name!r}: source {spec.source!r}: its tokenizer or configuration "
