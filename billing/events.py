@@ -50,7 +50,15 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     gpu_ms: float | None = None
-    #: Exact cost in USD (not rounded; invoices round once per line item).
+    #: The kind of device that served it (``cpu``, ``cuda``, ``rocm``, ...); ``None`` when
+    #: no device did (a response-cache answer, a refusal).
+    device: str | None = None
+    #: What an hour of that device costs, in USD, as its host declares it; prices ``gpu_ms``.
+    device_hour_usd: Decimal | None = None
+    #: ``gpu_ms`` at ``device_hour_usd`` (`billing.pricing.device_cost`); part of ``cost_usd``.
+    device_cost_usd: Decimal = Decimal(0)
+    #: Exact cost in USD, tokens and device time (not rounded; invoices round once per line
+    #: item).
     cost_usd: Decimal = Decimal(0)
     #: The price version the event was rated with; ``None`` when the model had no price.
     price_id: int | None = None

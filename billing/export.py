@@ -39,7 +39,14 @@ import pyarrow.parquet as pq
 
 from billing.events import UsageEvent
 from billing.invoices import period_bounds, period_of
-from billing.pricing import EXACT_CONTEXT, Price, TokenClass, class_amounts, quantities
+from billing.pricing import (
+    EXACT_CONTEXT,
+    Price,
+    TokenClass,
+    class_amounts,
+    device_hours,
+    quantities,
+)
 
 __all__ = [
     "EVENT_COLUMNS",
@@ -94,6 +101,7 @@ FOCUS_COLUMNS = (
     "x_KeyId",
     "x_Operation",
     "x_PriceId",
+    "x_Device",
 )
 
 _MEDIA_TYPES = {
@@ -120,6 +128,9 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "latency_ms": pa.float64(),
     "ttft_ms": pa.float64(),
     "gpu_ms": pa.float64(),
+    "device": pa.string(),
+    "device_hour_usd": pa.decimal128(18, 6),
+    "device_cost_usd": pa.decimal128(38, 12),
     "cost_usd": pa.decimal128(38, 12),
     "price_id": pa.int64(),
 }
@@ -404,10 +415,12 @@ def _focus_rows(
     )
     with decimal.localcontext(EXACT_CONTEXT):
         total = sum(amounts.values(), Decimal(0))
+        total += event.device_cost_usd
     if total != event.cost_usd:
         raise ExportError(
             f"event {event.id}: cost_usd {_money(event.cost_usd)} differs from "
-            f"{_money(total)} given by price {event.price_id} for its tokens"
+            f"{_money(total)} given by price {event.price_id} for its tokens and its "
+            "device time"
         )
     occurred_at = _utc(event.occurred_at)
     period_start, period_end = billing_period or period_bounds(period_of(occurred_at))
@@ -419,6 +432,33 @@ def _focus_rows(
     charge_start = max(hour, period_start)
     charge_end = min(hour + _HOUR, period_end)
     tenant_name = tenant_names.get(event.tenant_id, event.tenant_id)
+    common = {
+        "BillingAccountId": event.tenant_id,
+        "BillingAccountName": tenant_name,
+        "BillingCurrency": "USD",
+        "BillingPeriodEnd": _focus_instant(period_end),
+        "BillingPeriodStart": _focus_instant(period_start),
+        "ChargeCategory": "Usage",
+        "ChargeClass": "",
+        "ChargeFrequency": "Usage-Based",
+        "ChargePeriodEnd": _focus_instant(charge_end),
+        "ChargePeriodStart": _focus_instant(charge_start),
+        "InvoiceIssuerName": _PROVIDER,
+        "PricingCategory": "Standard",
+        "ProviderName": _PROVIDER,
+        "PublisherName": _PROVIDER,
+        "ResourceId": event.model,
+        "ResourceName": event.model,
+        "ServiceCategory": "AI and Machine Learning",
+        "ServiceName": _PROVIDER,
+        "SubAccountId": event.tenant_id,
+        "SubAccountName": tenant_name,
+        "x_RequestId": event.id,
+        "x_KeyId": _text_value(event.key_id),
+        "x_Operation": event.operation,
+        "x_PriceId": _text_value(event.price_id),
+        "x_Device": _text_value(event.device),
+    }
     rows: list[list[str]] = []
     for token_class, quantity in quantities(
         event.prompt_tokens, event.cached_tokens, event.completion_tokens, event.cache_tier
@@ -428,66 +468,45 @@ def _focus_rows(
         amount = _money(amounts[token_class])
         unit_price = _money(_per_token(price, token_class))
         values = {
+            **common,
             "BilledCost": amount,
-            "BillingAccountId": event.tenant_id,
-            "BillingAccountName": tenant_name,
-            "BillingCurrency": "USD",
-            "BillingPeriodEnd": _focus_instant(period_end),
-            "BillingPeriodStart": _focus_instant(period_start),
-            "ChargeCategory": "Usage",
-            "ChargeClass": "",
             "ChargeDescription": f"{event.model} {_CLASS_WORDS[token_class]} tokens",
-            "ChargeFrequency": "Usage-Based",
-            "ChargePeriodEnd": _focus_instant(charge_end),
-            "ChargePeriodStart": _focus_instant(charge_start),
             "ConsumedQuantity": str(quantity),
             "ConsumedUnit": "Tokens",
             "ContractedCost": amount,
             "ContractedUnitPrice": unit_price,
             "EffectiveCost": amount,
-            "InvoiceIssuerName": _PROVIDER,
             "ListCost": amount,
             "ListUnitPrice": unit_price,
-            "PricingCategory": "Standard",
             "PricingQuantity": str(quantity),
             "PricingUnit": "Tokens",
-            "ProviderName": _PROVIDER,
-            "PublisherName": _PROVIDER,
-            "ResourceId": event.model,
-            "ResourceName": event.model,
-            "ServiceCategory": "AI and Machine Learning",
-            "ServiceName": _PROVIDER,
-            "SubAccountId": event.tenant_id,
-            "SubAccountName": tenant_name,
-            "x_RequestId": event.id,
             "x_TokenClass": token_class.value,
-            "x_KeyId": _text_value(event.key_id),
-            "x_Operation": event.operation,
-            "x_PriceId": _text_value(event.price_id),
         }
         rows.append([values[column] for column in FOCUS_COLUMNS])
     if event.gpu_ms:
-        # The engine time the request took: a usage quantity in device-seconds, not priced.
-        seconds = _money(Decimal(repr(event.gpu_ms)).scaleb(-3))
-        device = dict(zip(FOCUS_COLUMNS, rows[0], strict=True)) if rows else None
-        if device is not None:
-            device.update(
-                {
-                    "BilledCost": "0",
-                    "ChargeDescription": f"{event.model} device time",
-                    "ConsumedQuantity": seconds,
-                    "ConsumedUnit": "Device-Seconds",
-                    "ContractedCost": "0",
-                    "ContractedUnitPrice": "0",
-                    "EffectiveCost": "0",
-                    "ListCost": "0",
-                    "ListUnitPrice": "0",
-                    "PricingQuantity": seconds,
-                    "PricingUnit": "Device-Seconds",
-                    "x_TokenClass": "device_time",
-                }
-            )
-            rows.append([device[column] for column in FOCUS_COLUMNS])
+        # The engine time the request took (a row of its own, with or without tokens),
+        # consumed in device-seconds and priced per device-hour at the rate of the device
+        # that served it.
+        amount = _money(event.device_cost_usd)
+        unit_price = _money(event.device_hour_usd or Decimal(0))
+        on = f" on {event.device}" if event.device else ""
+        hours = _money(device_hours(event.gpu_ms))
+        values = {
+            **common,
+            "BilledCost": amount,
+            "ChargeDescription": f"{event.model} device time{on}",
+            "ConsumedQuantity": _money(Decimal(repr(event.gpu_ms)).scaleb(-3)),
+            "ConsumedUnit": "Device-Seconds",
+            "ContractedCost": amount,
+            "ContractedUnitPrice": unit_price,
+            "EffectiveCost": amount,
+            "ListCost": amount,
+            "ListUnitPrice": unit_price,
+            "PricingQuantity": hours,
+            "PricingUnit": "Device-Hours",
+            "x_TokenClass": "device_time",
+        }
+        rows.append([values[column] for column in FOCUS_COLUMNS])
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Monthly invoices: one line per model, token class and unit price, rounded once.
+"""Monthly invoices: one line per model, token class and unit price, and one per model,
+device kind and device rate for engine time, each rounded once.
 
 The ledger hands over :class:`InvoiceRow` aggregates with exact amounts (the sum of the
 events' exact costs); :func:`build_invoice` merges them into line items and rounds each line
@@ -23,6 +24,8 @@ import msgspec
 from billing.pricing import EXACT_CONTEXT, TokenClass
 
 __all__ = [
+    "DeviceLine",
+    "DeviceRow",
     "Invoice",
     "InvoiceRow",
     "LineItem",
@@ -70,6 +73,32 @@ class LineItem(msgspec.Struct, frozen=True, kw_only=True):
     description: str
 
 
+class DeviceRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A ledger aggregate: one tenant's engine time on one model, device kind and rate."""
+
+    model: str
+    #: The device kind (``cpu``, ``cuda``, ...); ``None`` where it was not named.
+    device: str | None
+    #: USD per device-hour (zero where the device declared none).
+    hour_usd: Decimal
+    requests: int
+    gpu_ms: float
+    #: Exact sum of the events' device costs (not rounded).
+    amount: Decimal
+
+
+class DeviceLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One invoice line of engine time, rounded to cents."""
+
+    model: str
+    device: str | None
+    unit_price_per_hour: Decimal
+    #: Device-seconds.
+    seconds: float
+    amount_usd: Decimal
+    description: str
+
+
 class Invoice(msgspec.Struct, frozen=True, kw_only=True):
     """A tenant's invoice for one calendar month (UTC)."""
 
@@ -87,9 +116,11 @@ class Invoice(msgspec.Struct, frozen=True, kw_only=True):
     #: Sum of the exact amounts, not rounded.
     exact_total_usd: Decimal
     currency: str = "USD"
-    #: Engine time per model in the period, in device-seconds (CPU seconds on a CPU engine);
-    #: usage shown, not priced.
+    #: Engine time per model in the period, in device-seconds (CPU seconds on a CPU engine).
     device_seconds: dict[str, float] = msgspec.field(default_factory=dict)
+    #: Engine time per model, device kind and rate, priced at the rate of the device that
+    #: served it; part of the totals.
+    device_lines: list[DeviceLine] = msgspec.field(default_factory=list)
 
 
 def period_bounds(period: str) -> tuple[datetime, datetime]:
@@ -129,6 +160,7 @@ def build_invoice(
     period: str,
     rows: Iterable[InvoiceRow],
     device_ms: dict[str, float] | None = None,
+    device_rows: Iterable[DeviceRow] = (),
 ) -> Invoice:
     """Merge the ledger rows into rounded line items.
 
@@ -142,6 +174,8 @@ def build_invoice(
         period: The month, ``YYYY-MM``.
         rows: The ledger's aggregates for that tenant and month.
         device_ms: Engine milliseconds per model in the month (`Ledger.device_ms`).
+        device_rows: Engine time per model, device and rate (`Ledger.device_rows`); rows of
+            the same model, device and rate make one line, dropped when it is free.
 
     Raises:
         ValueError: ``period`` is malformed, or an amount or unit price is not finite.
@@ -159,7 +193,19 @@ def build_invoice(
             (key for key, (quantity, amount) in merged.items() if quantity or amount),
             key=lambda k: (k[0], _CLASS_ORDER[k[1]], k[2]),
         )
-        exact = [merged[key][1] for key in keys]
+        devices: dict[tuple[str, str, Decimal], tuple[float, Decimal]] = {}
+        for device_row in device_rows:
+            if not device_row.amount.is_finite() or not device_row.hour_usd.is_finite():
+                raise ValueError(f"device row for {device_row.model} is not finite: {device_row}")
+            device_key = (
+                device_row.model,
+                device_row.device or "",
+                _canonical(device_row.hour_usd),
+            )
+            ms, amount = devices.get(device_key, (0.0, Decimal(0)))
+            devices[device_key] = (ms + device_row.gpu_ms, amount + device_row.amount)
+        device_keys = sorted(key for key, (_, amount) in devices.items() if amount)
+        exact = [merged[key][1] for key in keys] + [devices[key][1] for key in device_keys]
         exact_total = sum(exact, Decimal(0))
         total_cents = _to_cents(exact_total, decimal.ROUND_HALF_EVEN)
         rounded = _round_lines(exact, total_cents)
@@ -172,7 +218,19 @@ def build_invoice(
             amount_usd=amount,
             description=_describe(model, token_class, unit_price),
         )
-        for (model, token_class, unit_price), amount in zip(keys, rounded, strict=True)
+        for (model, token_class, unit_price), amount in zip(keys, rounded[: len(keys)], strict=True)
+    ]
+    device_lines = [
+        DeviceLine(
+            model=model,
+            device=device or None,
+            unit_price_per_hour=hour_usd,
+            seconds=round(devices[(model, device, hour_usd)][0] / 1000, 6),
+            amount_usd=amount,
+            description=f"{model} engine time on {device or 'an unnamed device'} "
+            f"at ${hour_usd:f} per device-hour",
+        )
+        for (model, device, hour_usd), amount in zip(device_keys, rounded[len(keys) :], strict=True)
     ]
     return Invoice(
         tenant_id=tenant_id,
@@ -186,6 +244,7 @@ def build_invoice(
         device_seconds={
             model: round(ms / 1000, 6) for model, ms in sorted((device_ms or {}).items()) if ms
         },
+        device_lines=device_lines,
     )
 
 
@@ -254,4 +313,15 @@ def invoice_to_dict(invoice: Invoice) -> dict[str, Any]:
         "total_usd": f"{invoice.total_usd:f}",
         "exact_total_usd": f"{invoice.exact_total_usd:f}",
         "device_seconds": dict(invoice.device_seconds),
+        "device_lines": [
+            {
+                "model": line.model,
+                "device": line.device,
+                "description": line.description,
+                "unit_price_per_hour": f"{line.unit_price_per_hour:f}",
+                "seconds": line.seconds,
+                "amount_usd": f"{line.amount_usd:f}",
+            }
+            for line in invoice.device_lines
+        ],
     }

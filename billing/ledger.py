@@ -52,7 +52,7 @@ from billing.deadletter import (
     store_dead_letters,
 )
 from billing.events import UsageEvent
-from billing.invoices import InvoiceRow
+from billing.invoices import DeviceRow, InvoiceRow
 from billing.pricing import (
     EXACT_CONTEXT,
     Price,
@@ -65,12 +65,14 @@ from billing.pricing import (
 from billing.tables import (
     COST_PLACES,
     COST_PRECISION,
+    NO_DEVICE,
     NO_KEY,
     NO_PRICE,
     PRICE_PLACES,
     PRICE_PRECISION,
     ExactAdd,
     ExactSum,
+    device_rollup,
     event_from_row,
     event_row,
     install_sqlite_functions,
@@ -93,7 +95,14 @@ _INT64_MAX = 2**63 - 1
 #: The range of ``usage_event.price_id`` (an ``INTEGER``).
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 #: The longest value of each string column of ``usage_event``.
-_LENGTHS = {"id": 64, "tenant_id": 32, "key_id": 32, "model": 200, "operation": 32}
+_LENGTHS = {
+    "id": 64,
+    "tenant_id": 32,
+    "key_id": 32,
+    "model": 200,
+    "operation": 32,
+    "device": 64,
+}
 _COUNTS = ("prompt_tokens", "cached_tokens", "completion_tokens")
 _RESPONSE_COUNTS = ("response_prompt_tokens", "response_completion_tokens")
 _CLASS_COSTS = {
@@ -106,6 +115,8 @@ _CLASS_COSTS = {
 #: The rollup columns an upsert adds to, in the order `_roll_up` sums them.
 _SUMS = ("requests", *_COUNTS, *_RESPONSE_COUNTS, *_CLASS_COSTS.values(), "cost_usd", "gpu_ms")
 _ROLLUP_KEY = ("tenant_id", "key_id", "model", "day", "price_id")
+_DEVICE_KEY = ("tenant_id", "key_id", "model", "day", "device", "hour_usd")
+_DEVICE_SUMS = ("requests", "gpu_ms", "cost_usd")
 _GROUP_COLUMNS = {"model": "model", "day": "day", "key": "key_id"}
 
 
@@ -150,12 +161,23 @@ def check_event(event: UsageEvent) -> None:
             raise InvalidEvent(f"event {event.id!r}: {name} is not finite")
     if event.price_id is not None and not _INT32_MIN <= event.price_id <= _INT32_MAX:
         raise InvalidEvent(f"event {event.id!r}: price_id is out of range: {event.price_id!r}")
-    try:
-        cost = to_exact(event.cost_usd, COST_PRECISION, COST_PLACES)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEvent(f"event {event.id!r}: cost_usd: {exc}") from None
-    if cost < 0:
-        raise InvalidEvent(f"event {event.id!r}: cost_usd is negative")
+    amounts = (
+        ("cost_usd", COST_PRECISION, COST_PLACES),
+        ("device_cost_usd", COST_PRECISION, COST_PLACES),
+        ("device_hour_usd", PRICE_PRECISION, PRICE_PLACES),
+    )
+    for name, precision, places in amounts:
+        value = getattr(event, name)
+        if value is None and name == "device_hour_usd":  # engine time with no rate
+            continue
+        try:
+            exact = to_exact(value, precision, places)
+        except (TypeError, ValueError) as exc:
+            raise InvalidEvent(f"event {event.id!r}: {name}: {exc}") from None
+        if exact < 0:
+            raise InvalidEvent(f"event {event.id!r}: {name} is negative")
+    if event.device_cost_usd > event.cost_usd:
+        raise InvalidEvent(f"event {event.id!r}: device_cost_usd is more than cost_usd")
 
 
 class Ledger:
@@ -181,6 +203,14 @@ class Ledger:
         self._upsert_rollups = rollups.on_conflict_do_update(
             index_elements=list(_ROLLUP_KEY),
             set_={name: self._add(usage_rollup.c[name], rollups.excluded[name]) for name in _SUMS},
+        )
+        devices = self._bulk_insert(device_rollup)
+        self._upsert_devices = devices.on_conflict_do_update(
+            index_elements=list(_DEVICE_KEY),
+            set_={
+                name: self._add(device_rollup.c[name], devices.excluded[name])
+                for name in _DEVICE_SUMS
+            },
         )
 
     def _bulk_insert(self, table: Table) -> Any:
@@ -268,6 +298,7 @@ class Ledger:
             connection, {e.price_id for e in events if e.price_id is not None}
         )
         groups: dict[tuple[str, str, str, date, int], list[Any]] = {}
+        device_groups: dict[tuple[str, str, str, date, str, Decimal], list[Any]] = {}
         unknown: list[str] = []
         misrated: list[str] = []
         with decimal.localcontext(EXACT_CONTEXT):
@@ -282,15 +313,27 @@ class Ledger:
                 )
                 if event.price_id is not None and version is None:
                     unknown.append(event.id)
-                elif sum(amounts.values()) != event.cost_usd:
+                elif sum(amounts.values()) != event.cost_usd - event.device_cost_usd:
                     misrated.append(event.id)
+                day = event.occurred_at.astimezone(UTC).date()
                 key = (
                     event.tenant_id,
                     event.key_id or NO_KEY,
                     event.model,
-                    event.occurred_at.astimezone(UTC).date(),
+                    day,
                     NO_PRICE if event.price_id is None else event.price_id,
                 )
+                if event.gpu_ms or event.device_cost_usd:
+                    # The usage key's tenant, key, model and day, then device and rate.
+                    device_key = (
+                        *key[:4],
+                        event.device or NO_DEVICE,
+                        event.device_hour_usd or Decimal(0),
+                    )
+                    device_sums = device_groups.setdefault(device_key, [0, 0.0, Decimal(0)])
+                    device_sums[0] += 1
+                    device_sums[1] += event.gpu_ms or 0.0
+                    device_sums[2] += event.device_cost_usd
                 sums = groups.get(key)
                 if sums is None:
                     costs = len(_CLASS_COSTS) + 1
@@ -320,6 +363,15 @@ class Ledger:
             for key, sums in sorted(groups.items())
         ]
         self._execute_bulk(connection, self._upsert_rollups, rows)
+        if device_groups:
+            device_rows = [
+                {
+                    **dict(zip(_DEVICE_KEY, key, strict=True)),
+                    **dict(zip(_DEVICE_SUMS, sums, strict=True)),
+                }
+                for key, sums in sorted(device_groups.items())
+            ]
+            self._execute_bulk(connection, self._upsert_devices, device_rows)
         if unknown:
             logger.warning(
                 "%d usage events name a price version the ledger does not have (first: %s); "
@@ -336,7 +388,7 @@ class Ledger:
             )
 
     def _add(self, left: Any, right: Any) -> ColumnElement[Any]:
-        if left.name in ("requests", *_COUNTS, *_RESPONSE_COUNTS, "gpu_ms"):
+        if left.name in ("requests", *_COUNTS, *_RESPONSE_COUNTS, "gpu_ms"):  # not money
             added: ColumnElement[Any] = left + right
             return added
         return ExactAdd(left, right)
@@ -516,6 +568,38 @@ class Ledger:
 
         def work(connection: Connection) -> dict[str, float]:
             return {model: float(ms or 0.0) for model, ms in connection.execute(query)}
+
+        return await self._run(work)
+
+    async def device_rows(self, tenant_id: str, start: date, end: date) -> list[DeviceRow]:
+        """A tenant's engine time per model, device kind and device rate between two days
+        (as `invoice_rows`), with its exact cost, for `build_invoice`.
+
+        Raises:
+            ValueError: a bound is not a day.
+        """
+        table = device_rollup
+        group = (table.c.model, table.c.device, table.c.hour_usd)
+        query = (
+            select(*group, func.sum(table.c.requests), func.sum(table.c.gpu_ms))
+            .add_columns(ExactSum(table.c.cost_usd))
+            .where(*_rollup_filter(tenant_id, start, end, table))
+            .group_by(*group)
+            .order_by(*group)
+        )
+
+        def work(connection: Connection) -> list[DeviceRow]:
+            return [
+                DeviceRow(
+                    model=model,
+                    device=device or None,
+                    hour_usd=Decimal(hour_usd),
+                    requests=int(requests),
+                    gpu_ms=float(ms or 0.0),
+                    amount=Decimal(cost),
+                )
+                for model, device, hour_usd, requests, ms, cost in connection.execute(query)
+            ]
 
         return await self._run(work)
 
@@ -726,10 +810,12 @@ def _event_filter(
     return conditions
 
 
-def _rollup_filter(tenant_id: str | None, start: date, end: date) -> list[ColumnElement[bool]]:
-    conditions = [usage_rollup.c.day >= _day(start), usage_rollup.c.day < _day(end)]
+def _rollup_filter(
+    tenant_id: str | None, start: date, end: date, table: Table = usage_rollup
+) -> list[ColumnElement[bool]]:
+    conditions = [table.c.day >= _day(start), table.c.day < _day(end)]
     if tenant_id is not None:
-        conditions.append(usage_rollup.c.tenant_id == tenant_id)
+        conditions.append(table.c.tenant_id == tenant_id)
     return conditions
 
 

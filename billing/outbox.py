@@ -38,7 +38,7 @@ import os
 import secrets
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
@@ -437,6 +437,9 @@ class RedisOutbox(Outbox):
         self._op_timeout_s = op_timeout_s
         self._owns_client = owns_client
         self._group_ready = False
+        #: Whether entries may be pending under this consumer's name that it never got: a
+        #: reply lost when a call failed, or an earlier process of the same name.
+        self._own_unknown = True
 
     @property
     def consumer(self) -> str:
@@ -459,15 +462,22 @@ class RedisOutbox(Outbox):
         return self._stream, {_FIELD: encode_event(event)}
 
     async def claim_entries(self, max_entries: int) -> list[Claimed]:
-        async with self._calling():
-            try:
-                return await self._claim(max_entries)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The stream went away (flushed, or a server that lost its data): again.
-                self._group_ready = False
-                return await self._claim(max_entries)
+        """See `Outbox.claim_entries`. After a call of this outbox failed, the next claim
+        starts with the entries pending under this consumer: the server may have delivered
+        some whose reply never came, and they would otherwise wait ``claim_idle_ms``."""
+        try:
+            async with self._calling():
+                try:
+                    return await self._claim(max_entries)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # The stream went away (flushed, or a server that lost its data): again.
+                    self._group_ready = False
+                    return await self._claim(max_entries)
+        except OutboxUnavailable:
+            self._own_unknown = True
+            raise
 
     async def _claim(self, max_events: int) -> list[Claimed]:
         if not self._group_ready:
@@ -478,16 +488,26 @@ class RedisOutbox(Outbox):
                 if "BUSYGROUP" not in str(exc):
                     raise
             self._group_ready = True
-        # First what dead consumers left claimed, then what nobody has seen.
-        reply = await self._client.xautoclaim(
-            self._stream,
-            self._group,
-            self._consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id="0-0",
-            count=max_events,
-        )
-        entries: list[tuple[Any, Any]] = list(reply[1])
+        entries: list[tuple[Any, Any]] = []
+        if self._own_unknown:
+            # This consumer's own pending entries (its history in the group) first.
+            own = list(_stream_entries(await self._client.xreadgroup(
+                self._group, self._consumer, {self._stream: "0"}, count=max_events
+            )))  # fmt: skip
+            entries.extend(own)
+            self._own_unknown = len(own) >= max_events
+        # Then what dead consumers left claimed, then what nobody has seen.
+        if len(entries) < max_events:
+            seen = {entry_id for entry_id, _ in entries}
+            reply = await self._client.xautoclaim(
+                self._stream,
+                self._group,
+                self._consumer,
+                min_idle_time=self._claim_idle_ms,
+                start_id="0-0",
+                count=max_events - len(entries),
+            )
+            entries.extend(entry for entry in reply[1] if entry[0] not in seen)
         if len(entries) < max_events:
             read: Any = await self._client.xreadgroup(
                 self._group,
@@ -495,10 +515,7 @@ class RedisOutbox(Outbox):
                 {self._stream: ">"},
                 count=max_events - len(entries),
             )
-            # One [stream, entries] pair per stream read (RESP2; a dict on RESP3).
-            streams = read.items() if isinstance(read, dict) else read or ()
-            for _stream, stream_entries in streams:
-                entries.extend(stream_entries)
+            entries.extend(_stream_entries(read))
         claimed = []
         for entry_id, fields in entries:
             # An entry deleted while claimed comes back without fields; nothing to deliver.
@@ -551,6 +568,14 @@ class RedisOutbox(Outbox):
         except (RedisError, OSError) as exc:
             # TimeoutError (asyncio's deadline, a socket's) is an OSError.
             raise _unavailable(exc) from exc
+
+
+def _stream_entries(read: Any) -> Iterator[tuple[Any, Any]]:
+    """The entries of an ``XREADGROUP`` reply of one stream."""
+    # One [stream, entries] pair per stream read (RESP2; a dict on RESP3).
+    streams = read.items() if isinstance(read, dict) else read or ()
+    for _stream, stream_entries in streams:
+        yield from stream_entries
 
 
 def _text(value: bytes | str) -> str:

@@ -41,6 +41,9 @@ __all__ = [
     "TokenClass",
     "amounts_of",
     "class_amounts",
+    "device_cost",
+    "device_hours",
+    "device_rate",
     "quantities",
     "rate",
     "rerate",
@@ -64,6 +67,8 @@ EXACT_CONTEXT = decimal.Context(
 _LENIENT = decimal.Context(prec=EXACT_CONTEXT.prec, traps=[])
 _PRICE_QUANTUM = Decimal(1).scaleb(-PRICE_DECIMALS)
 _MTOK_EXPONENT = -6
+_MS_PER_HOUR = Decimal(3_600_000)
+_COST_QUANTUM = Decimal(1).scaleb(-12)
 _NANO_EXPONENT = 9
 
 
@@ -315,12 +320,58 @@ class PriceBook:
         return self.price_at(model, now)
 
 
+def device_rate(value: str | Decimal | None) -> Decimal | None:
+    """A device's cost per hour in USD, checked as a price is (``None`` or empty: none).
+
+    Raises:
+        ValueError: not a decimal number, negative, not finite or with more than six
+            decimals.
+    """
+    if value is None or value == "":
+        return None
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value).strip())
+    except decimal.InvalidOperation:
+        raise ValueError(
+            f"a device cost per hour must be a decimal number, got {value!r}"
+        ) from None
+    _check_price("device cost per hour", amount)
+    return amount
+
+
+def device_cost(gpu_ms: float | None, per_hour: Decimal | None) -> Decimal:
+    """The USD cost of ``gpu_ms`` engine milliseconds on a device at ``per_hour`` USD per
+    hour, rounded half-even to 1e-12 USD (the ledger's precision); zero without either.
+
+    Raises:
+        ValueError: ``gpu_ms`` is negative or not finite.
+    """
+    if not gpu_ms or per_hour is None:
+        return Decimal(0)
+    ms = Decimal(repr(gpu_ms))
+    if not ms.is_finite() or ms < 0:
+        raise ValueError(f"engine time must be a finite, non-negative number, got {gpu_ms!r}")
+    with decimal.localcontext(_LENIENT):
+        cost = ms * per_hour / _MS_PER_HOUR
+        return cost.quantize(_COST_QUANTUM, rounding=decimal.ROUND_HALF_EVEN)
+
+
+def device_hours(gpu_ms: float) -> Decimal:
+    """``gpu_ms`` engine milliseconds in device-hours, rounded half-even to 1e-12 hour."""
+    with decimal.localcontext(_LENIENT):
+        hours = Decimal(repr(gpu_ms)) / _MS_PER_HOUR
+        return hours.quantize(_COST_QUANTUM, rounding=decimal.ROUND_HALF_EVEN)
+
+
 def rerate(event: UsageEvent, book: PriceBook) -> UsageEvent:
-    """The event priced again with the version in force at its ``occurred_at``."""
+    """The event priced again with the version in force at its ``occurred_at`` (its device
+    time keeps its device's rate)."""
     price = book.price_at(event.model, event.occurred_at)
     cost = rate(
         price, event.prompt_tokens, event.cached_tokens, event.completion_tokens, event.cache_tier
     )
+    with decimal.localcontext(EXACT_CONTEXT):
+        cost += event.device_cost_usd
     return msgspec.structs.replace(
         event, cost_usd=cost, price_id=None if price is None else price.id
     )

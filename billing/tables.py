@@ -49,6 +49,7 @@ from billing.sqltypes import NAMING_CONVENTION, WIDE, ExactDecimal, UTCDateTime,
 __all__ = [
     "COST_PLACES",
     "COST_PRECISION",
+    "NO_DEVICE",
     "NO_KEY",
     "NO_PRICE",
     "PRICE_PLACES",
@@ -57,6 +58,7 @@ __all__ = [
     "ExactDecimal",
     "ExactSum",
     "UTCDateTime",
+    "device_rollup",
     "event_from_row",
     "event_row",
     "install_sqlite_functions",
@@ -82,11 +84,14 @@ COST_PLACES = 12
 NO_KEY = ""
 #: ``usage_rollup.price_id`` of usage that had no price.
 NO_PRICE = -1
+#: ``device_rollup.device`` of engine time whose device was not named.
+NO_DEVICE = ""
 
 
 _ID = String(32)
 _EVENT_ID = String(64)
 _MODEL = String(200)
+_DEVICE = String(64)
 
 #: The tables the migrations manage, named as the accounts tables are.
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
@@ -137,6 +142,9 @@ usage_event = Table(
     Column("latency_ms", Double, nullable=False),
     Column("ttft_ms", Double, nullable=True),
     Column("gpu_ms", Double, nullable=True),
+    Column("device", _DEVICE, nullable=True),
+    Column("device_hour_usd", _price(), nullable=True),
+    Column("device_cost_usd", _cost(), nullable=False, server_default="0"),
     Column("cost_usd", _cost(), nullable=False),
     Column("price_id", Integer, nullable=True),
     Index("ix_usage_event_occurred_at", "occurred_at"),
@@ -172,6 +180,26 @@ usage_rollup = Table(
     PrimaryKeyConstraint("tenant_id", "key_id", "model", "day", "price_id"),
     # Reports over every tenant select by day alone.
     Index("ix_usage_rollup_day", "day"),
+)
+
+#: The engine time of the events of one tenant, key, model, UTC day, device kind and
+#: device rate, and what it cost: the device lines of invoices. Its costs are also in
+#: ``usage_rollup.cost_usd`` (which sums whole events) and in none of its class costs.
+device_rollup = Table(
+    "device_rollup",
+    metadata,
+    Column("tenant_id", _ID, nullable=False),
+    Column("key_id", _ID, nullable=False),
+    Column("model", _MODEL, nullable=False),
+    Column("day", Date, nullable=False),
+    Column("device", _DEVICE, nullable=False),
+    #: USD per device-hour (zero where the device declared none).
+    Column("hour_usd", _price(), nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("gpu_ms", Double, nullable=False),
+    Column("cost_usd", _cost(), nullable=False),
+    PrimaryKeyConstraint("tenant_id", "key_id", "model", "day", "device", "hour_usd"),
+    Index("ix_device_rollup_day", "day"),
 )
 
 #: Events on their way from the request path to the ledger (`billing.outbox.SqlOutbox`).
@@ -311,6 +339,9 @@ def event_row(event: UsageEvent) -> dict[str, Any]:
         "latency_ms": event.latency_ms,
         "ttft_ms": event.ttft_ms,
         "gpu_ms": event.gpu_ms,
+        "device": event.device,
+        "device_hour_usd": event.device_hour_usd,
+        "device_cost_usd": event.device_cost_usd,
         "cost_usd": event.cost_usd,
         "price_id": event.price_id,
     }
@@ -333,6 +364,9 @@ def event_from_row(row: Any) -> UsageEvent:
         latency_ms=row["latency_ms"],
         ttft_ms=row["ttft_ms"],
         gpu_ms=row["gpu_ms"],
+        device=row["device"],
+        device_hour_usd=row["device_hour_usd"],
+        device_cost_usd=row["device_cost_usd"],
         cost_usd=row["cost_usd"],
         price_id=row["price_id"],
     )

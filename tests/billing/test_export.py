@@ -27,7 +27,7 @@ from billing.export import (
     filename,
     media_type,
 )
-from billing.pricing import Price, PriceBook, TokenClass, quantities, rate
+from billing.pricing import Price, PriceBook, TokenClass, device_cost, quantities, rate
 from tests.support.focus import FOCUS_NAMED_COLUMNS
 
 #: No example database: the tree is shared and ``.hypothesis/`` is not ignored by git.
@@ -99,6 +99,11 @@ def make_event(
         usage = (prompt, (n * 31) % (prompt + 1), completion)
     version = BOOK.price_at(model, when)
     tier = list(CacheTier)[n % len(CacheTier)]
+    gpu_ms = None if n % 3 else n * 0.1
+    # Engine time on a priced device, an unpriced one, or one that named no rate.
+    device = None if gpu_ms is None else ("cuda", "cpu", None)[n % 9 // 3]
+    hour_usd = {"cuda": Decimal("2.49"), "cpu": Decimal("0")}.get(device or "")
+    device_usd = device_cost(gpu_ms, hour_usd)
     return UsageEvent(
         id=f"req-{n:06d}",
         occurred_at=when,
@@ -113,8 +118,11 @@ def make_event(
         status=list(EventStatus)[n % len(EventStatus)],
         latency_ms=12.5 + n / 3,
         ttft_ms=None if n % 2 else 3.25,
-        gpu_ms=None if n % 3 else n * 0.1,
-        cost_usd=rate(version, *usage, tier),
+        gpu_ms=gpu_ms,
+        device=device,
+        device_hour_usd=hour_usd,
+        device_cost_usd=device_usd,
+        cost_usd=rate(version, *usage, tier) + device_usd,
         price_id=None if version is None else version.id,
     )
 
@@ -249,18 +257,26 @@ def test_focus_rows_are_charges_per_token_class() -> None:
         )
         for e in items
     }
-    # Each event's engine time is one more row, in device-seconds and free.
+    # Each event's engine time is one more row, in device-seconds, priced per device-hour
+    # at the rate of its device.
     device = [r for r in rows if r["x_TokenClass"] == "device_time"]
     by_id = {e.id: e for e in items}
-    assert {r["x_RequestId"] for r in device} == {
-        e.id for e in items if e.gpu_ms and token_rows[e.id]
-    }
+    assert {r["x_RequestId"] for r in device} == {e.id for e in items if e.gpu_ms}
     for r in device:
         assert Decimal(r["ConsumedQuantity"]) * 1000 == Decimal(
             repr(by_id[r["x_RequestId"]].gpu_ms)
         )
-        assert (r["ConsumedUnit"], r["PricingUnit"]) == ("Device-Seconds", "Device-Seconds")
-        assert r["BilledCost"] == "0"
+        event = by_id[r["x_RequestId"]]
+        assert (r["ConsumedUnit"], r["PricingUnit"]) == ("Device-Seconds", "Device-Hours")
+        assert Decimal(r["BilledCost"]) == event.device_cost_usd
+        assert r["BilledCost"] == r["EffectiveCost"] == r["ListCost"] == r["ContractedCost"]
+        assert Decimal(r["ListUnitPrice"]) == (event.device_hour_usd or 0)
+        hours = Decimal(r["PricingQuantity"])
+        assert abs(hours * 3_600_000 - Decimal(repr(event.gpu_ms))) < Decimal("1e-5")
+        assert abs(hours * Decimal(r["ListUnitPrice"]) - event.device_cost_usd) < Decimal("1e-11")
+        assert r["x_Device"] == (event.device or "")
+    device_billed = {r["x_RequestId"]: Decimal(r["BilledCost"]) for r in device}
+    assert any(device_billed.values())
     rows = [r for r in rows if r["x_TokenClass"] != "device_time"]
     assert len(rows) == sum(token_rows.values())
     billed: dict[str, Decimal] = {}
@@ -301,6 +317,8 @@ def test_focus_rows_are_charges_per_token_class() -> None:
         assert r["x_TokenClass"] in {c.value for c in TokenClass}
     by_id = {e.id: e for e in items}
     # Every event with tokens has rows, and its rows add up to its cost exactly.
+    for request_id, amount in device_billed.items():
+        billed[request_id] += amount
     assert billed == {e.id: e.cost_usd for e in items if e.prompt_tokens or e.completion_tokens}
     assert all(by_id[i].cost_usd == c for i, c in billed.items())
 

@@ -17,7 +17,16 @@ from sqlalchemy.orm import Session
 from billing.events import CacheTier, UsageEvent
 from billing.invoices import build_invoice
 from billing.ledger import InvalidEvent, Ledger, PriceConflict
-from billing.pricing import EXACT_CONTEXT, Price, TokenClass, class_amounts, quantities
+from billing.pricing import (
+    EXACT_CONTEXT,
+    Price,
+    PriceBook,
+    TokenClass,
+    class_amounts,
+    device_cost,
+    quantities,
+    rerate,
+)
 from billing.tables import usage_rollup
 from gateway.db import current
 from gateway.db.migrate import head
@@ -60,7 +69,7 @@ def event_totals(events: list[UsageEvent], prices: dict[int, Price]) -> dict[str
 
 
 def test_migrations_reach_head_with_the_billing_tables(engine: Engine) -> None:
-    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0006"
+    assert current(str(engine.url.render_as_string(hide_password=False))) == head() == "0007"
     assert BILLING_TABLES.issubset(inspect(engine).get_table_names())
 
 
@@ -427,3 +436,78 @@ async def test_engine_time_rolls_up_onto_the_invoice(
         tenant_id="ten_gpu", start=date(2026, 3, 1), end=date(2026, 4, 1), group_by="model"
     )
     assert {r["model"]: r["gpu_ms"] for r in report} == device
+
+
+def priced_on(event: UsageEvent, device: str | None, hour_usd: str | None, ms: float) -> UsageEvent:
+    """``event`` with ``ms`` engine milliseconds on ``device`` at ``hour_usd`` per hour."""
+    rate_ = None if hour_usd is None else Decimal(hour_usd)
+    device_usd = device_cost(ms, rate_)
+    return msgspec.structs.replace(
+        event,
+        gpu_ms=ms,
+        device=device,
+        device_hour_usd=rate_,
+        device_cost_usd=device_usd,
+        cost_usd=event.cost_usd + device_usd,
+    )
+
+
+async def test_engine_time_is_billed_at_the_rate_of_the_device_that_served_it(
+    ledger: Ledger, events: Events, demo_price: Price
+) -> None:
+    # A mixed fleet: an H100 at $2.49 an hour, a CPU host at $0.30, and one that declared
+    # no rate (its engine time is shown, not charged).
+    served = [
+        ("cuda", "2.49", 1800.0),
+        ("cuda", "2.49", 1800.0),
+        ("cpu", "0.30", 7200.0),
+        ("cpu", None, 100.0),
+        ("cuda", "2.50", 360.0),  # the operator raised the rate later in the month
+    ]
+    batch = [
+        priced_on(events.make(price=demo_price, tenant_id="ten_mix"), device, rate_, ms)
+        for device, rate_, ms in served
+    ]
+    await ledger.record(batch)
+    start, end = date(2026, 3, 1), date(2026, 4, 1)
+    devices = await ledger.device_rows("ten_mix", start, end)
+    assert [(r.device, r.hour_usd, r.requests, r.gpu_ms, r.amount) for r in devices] == [
+        ("cpu", Decimal("0"), 1, 100.0, Decimal(0)),
+        ("cpu", Decimal("0.30"), 1, 7200.0, Decimal("0.0006")),
+        ("cuda", Decimal("2.49"), 2, 3600.0, Decimal("0.00249")),
+        ("cuda", Decimal("2.50"), 1, 360.0, Decimal("0.00025")),
+    ]
+    rows = await ledger.invoice_rows("ten_mix", start, end)
+    device_ms = await ledger.device_ms("ten_mix", start, end)
+    invoice = build_invoice("ten_mix", "Mixed", "2026-03", rows, device_ms, devices)
+    # The free line is dropped; the others are priced per device-hour.
+    assert [
+        (line.device, line.unit_price_per_hour, line.seconds) for line in invoice.device_lines
+    ] == [
+        ("cpu", Decimal("0.3"), 7.2),
+        ("cuda", Decimal("2.49"), 3.6),
+        ("cuda", Decimal("2.5"), 0.36),
+    ]
+    assert "cuda at $2.49 per device-hour" in invoice.device_lines[1].description
+    # The invoice is the sum of the events, tokens and device time, to the cent.
+    exact = sum((e.cost_usd for e in batch), Decimal(0))
+    assert invoice.exact_total_usd == exact
+    assert await ledger.sum_cost() == exact
+    stored = {e.id: e for e in await _all(ledger)}
+    for event in batch:
+        assert stored[event.id].device == event.device
+        assert stored[event.id].device_hour_usd == event.device_hour_usd
+        assert stored[event.id].device_cost_usd == event.device_cost_usd
+    # Rating the events again keeps each one's device cost.
+    book = PriceBook([demo_price])
+    assert [rerate(e, book).cost_usd for e in batch] == [e.cost_usd for e in batch]
+
+
+async def test_a_device_cost_beyond_the_event_cost_is_refused(
+    ledger: Ledger, events: Events
+) -> None:
+    odd = msgspec.structs.replace(
+        events.make(price=None), gpu_ms=10.0, device_cost_usd=Decimal("0.01")
+    )
+    with pytest.raises(InvalidEvent, match="device_cost_usd"):
+        await ledger.record([odd])

@@ -388,6 +388,51 @@ async def test_redis_outage_raises_outbox_unavailable_without_the_url(
         await box.close()
 
 
+async def test_redis_takes_back_at_once_what_a_failed_claim_may_have_read(
+    billing_redis: RedisServer, redis_url: str, events: Events
+) -> None:
+    """An entry the server delivered while the call failed (its reply lost with the
+    connection) is this consumer's own: the next claim takes it, not another consumer
+    after the claim-idle time."""
+    box = make_outbox(make_engine("sqlite://"), redis_url, timeout_s=0.5)
+    assert isinstance(box, RedisOutbox)
+    try:
+        assert await box.claim(10) == []
+        event = events.make()
+        await box.append(event)
+        # The server hands the entry to this consumer; the reply never arrives.
+        async with redis.asyncio.Redis.from_url(redis_url) as raw:
+            await raw.xreadgroup("ledger", box.consumer, {"tg:usage": ">"})
+        assert await box.claim(10) == []  # a call that answered: nothing was lost
+        billing_redis.stop()
+        with pytest.raises(OutboxUnavailable):
+            await box.claim(10)
+        billing_redis.start()
+        assert [claimed for _, claimed in await box.claim(10)] == [event]
+        assert await box.claim(10) == []
+    finally:
+        billing_redis.start()
+        await box.close()
+
+
+async def test_redis_consumer_of_a_known_name_starts_with_its_own_entries(
+    redis_client: redis.asyncio.Redis, events: Events
+) -> None:
+    """A process that comes back under its earlier consumer name (a stable pod name) takes
+    what its earlier self had claimed without acknowledging, in batches."""
+    before = RedisOutbox(redis_client, consumer="gateway-0", claim_idle_ms=60_000)
+    made = [events.make() for _ in range(3)]
+    for event in made:
+        await before.append(event)
+    assert len(await before.claim(10)) == 3
+    again = RedisOutbox(redis_client, consumer="gateway-0", claim_idle_ms=60_000)
+    first = await again.claim(2)
+    await again.ack([handle for handle, _ in first])
+    rest = await again.claim(2)
+    assert [event for _, event in first + rest] == made
+    assert await again.claim(10) == []
+
+
 async def test_make_outbox_picks_sql_without_redis(engine: Engine) -> None:
     box = make_outbox(engine, None)
     assert isinstance(box, SqlOutbox)

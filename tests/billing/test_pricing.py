@@ -18,6 +18,8 @@ from billing.pricing import (
     PriceBook,
     TokenClass,
     class_amounts,
+    device_cost,
+    device_rate,
     quantities,
     rate,
     rerate,
@@ -313,3 +315,28 @@ def test_summed_counts_split_like_the_events(
 def test_response_prices_are_checked() -> None:
     with pytest.raises(ValueError, match="response_output_per_mtok"):
         msgspec.structs.replace(price(), response_output_per_mtok=Decimal("-1"))
+
+
+def test_device_time_is_priced_per_device_hour_to_the_ledgers_precision() -> None:
+    assert device_cost(3_600_000.0, Decimal("2.49")) == Decimal("2.49")
+    assert device_cost(1.0, Decimal("3.6")) == Decimal("0.000001")
+    # 1 ms at $1 an hour is 2.777...e-7 USD: rounded half-even to 1e-12.
+    assert device_cost(1.0, Decimal("1")) == Decimal("0.000000277778")
+    assert device_cost(0.1, Decimal("1")) == Decimal("0.000000027778")
+    assert device_cost(None, Decimal("1")) == 0
+    assert device_cost(12.5, None) == 0
+    with pytest.raises(ValueError, match="finite"):
+        device_cost(float("inf"), Decimal("1"))
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "1.0000001", "NaN", "inf"])
+def test_a_device_rate_is_checked_as_a_price_is(value: str) -> None:
+    with pytest.raises(ValueError, match="device cost per hour"):
+        device_rate(value)
+
+
+def test_device_rates_parse() -> None:
+    assert device_rate("0.90") == Decimal("0.90")
+    assert device_rate(" 2 ") == Decimal(2)
+    assert device_rate("") is None
+    assert device_rate(None) is None

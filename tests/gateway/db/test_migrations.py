@@ -26,6 +26,7 @@ TABLES = {
     "serving_policy",
     "deployed_models",
     "catalog_seeds",
+    "device_rollup",
     "alembic_version",
 }
 
@@ -53,7 +54,7 @@ def test_upgrade_empty_database_to_head_twice(new_database: Callable[[], str]) -
     assert current(database_url) is None
     assert table_names(database_url) == set()
     upgrade(database_url)
-    assert current(database_url) == head() == "0006"
+    assert current(database_url) == head() == "0007"
     assert table_names(database_url) == TABLES
     upgrade(database_url)
     assert current(database_url) == head()
