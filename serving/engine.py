@@ -147,6 +147,10 @@ class GenerationChunk(msgspec.Struct):
     queue_ms: float = 0.0
     #: Milliseconds it waited for its model to be brought onto the device (0: resident).
     cold_start_ms: float = 0.0
+    #: The kind of device that served it and what an hour of that device costs (USD, a
+    #: decimal string), where a worker served it; ``None`` in process.
+    device: str | None = None
+    device_cost_per_hour: str | None = None
 
 
 class EmbeddingBatch(msgspec.Struct):
@@ -156,6 +160,8 @@ class EmbeddingBatch(msgspec.Struct):
     prompt_tokens: int
     #: Milliseconds it waited for its model to be brought onto the device (0: resident).
     cold_start_ms: float = 0.0
+    device: str | None = None
+    device_cost_per_hour: str | None = None
 
 
 class EngineState(enum.StrEnum):

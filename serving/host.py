@@ -16,7 +16,7 @@ from serving.engine import (
     GenerationEngine,
     ModelEngine,
 )
-from serving.pool import ModelPool
+from serving.pool import ModelPool, ModelStatus, Placement
 from serving.progress import Progress
 
 __all__ = ["EngineHost", "make_engine", "settle_process"]
@@ -57,6 +57,8 @@ def settle_process() -> None:
 
 class EngineHost:
     """The co-located engines of one process (one device), sharing its event loop.
+
+    (`serving.remote.RemoteHost` offers the same to a gateway whose engines run on workers.)
 
     The device's `ModelPool` decides which models are resident: at start-up what fits its
     memory budget starts, pinned models first; the others start when a request needs them.
@@ -108,6 +110,8 @@ class EngineHost:
             progress=progress,
         )
         self._settled = False
+        #: The engines run in this process (not on workers).
+        self.local = True
         #: Start-up is done: the models that fit are resident.
         self.started = False
 
@@ -230,6 +234,13 @@ class EngineHost:
     def embedding(self, model: str) -> EmbeddingEngine | None:
         engine = self.get(model)
         return engine if isinstance(engine, EmbeddingEngine) else None
+
+    def models_status(self) -> list[ModelStatus]:
+        """Every model as the device's pool has it (the admin API's view)."""
+        return self.pool.status()
+
+    def placement(self) -> Placement:
+        return self.pool.placement()
 
     def stats(self) -> dict[str, EngineStats]:
         return {name: engine.stats() for name, engine in self._engines.items()}

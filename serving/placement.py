@@ -33,11 +33,14 @@ import msgspec
 
 __all__ = [
     "COSTS",
+    "DeviceOffer",
     "DevicePlan",
     "FleetPlan",
     "ModelProfile",
     "Request",
     "assign",
+    "choose_device",
+    "detect_device_kind",
     "generate_trace",
     "load_trace",
     "plan_fleet",
@@ -56,6 +59,37 @@ COSTS: dict[str, dict[str, float]] = {
     "cpu": {"start_s": 24.0, "stop_s": 4.5},
     "gpu-sleep": {"start_s": 30.0, "stop_s": 5.0, "sleep_s": 1.0, "wake_s": 2.0},
 }
+
+
+class DeviceOffer(msgspec.Struct, frozen=True):
+    """A device that could bring a model in now: its free memory, its price and its load."""
+
+    id: str
+    free_gb: float
+    #: USD per device-hour (0: not declared).
+    cost_per_hour: float = 0.0
+    load: int = 0
+
+
+def choose_device(model_gb: float, offers: Sequence[DeviceOffer]) -> str:
+    """Where to bring in a model that is resident nowhere (the router asks, per request).
+
+    A device where the model fits in free memory goes before one that must evict a model
+    for it; among those, the cheapest per hour, then the least loaded, then the one with the
+    most room left. An operator with a few expensive accelerators and more cheap devices
+    thus gets the cold, small models on the cheap ones, and the expensive ones keep their
+    memory for what only they can hold.
+
+    Raises:
+        ValueError: no offers.
+    """
+    if not offers:
+        raise ValueError("no device to place the model on")
+    best = min(
+        offers,
+        key=lambda o: (o.free_gb < model_gb, o.cost_per_hour, o.load, -o.free_gb, o.id),
+    )
+    return best.id
 
 
 class Request(msgspec.Struct, frozen=True):
@@ -371,3 +405,12 @@ def report(plan: FleetPlan, trace: Sequence[Request]) -> str:
 
 def dumps(plan: FleetPlan) -> str:
     return json.dumps(msgspec.to_builtins(plan), indent=2)
+
+
+def detect_device_kind() -> str:
+    """The device type of vLLM's current platform (``cpu``, ``cuda``, ``rocm``, plugins)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_rocm():
+        return "rocm"
+    return str(current_platform.device_type or "cpu")

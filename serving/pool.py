@@ -248,26 +248,59 @@ class ModelPool:
             Exception: whatever a model's first start raised.
         """
         order = sorted(self._entries.values(), key=lambda e: not e.pinned)
-        for entry in order:
-            need = self._footprint(entry)
-            if self.used_gb() + need > self.budget_gb:
-                if entry.pinned:
-                    raise EngineNotReady(
-                        f"pinned models do not fit the device: {entry.engine.name} needs "
-                        f"{need:.2f} GiB, {self.budget_gb - self.used_gb():.2f} GiB are left"
-                    )
-                logger.info("model %s stays cold: the device is full", entry.engine.name)
-                if self._progress is not None:
-                    self._progress(entry.engine.name, "cold")
-                continue
-            entry.memory_gb = need
-            await self._launch(entry)
-            if self.used_gb() > self.budget_gb and not entry.pinned:
-                logger.info("model %s took more than expected: taking it out", entry.engine.name)
-                await self._take_out(entry)
+        if _free_device_bytes() is None:
+            await self._start_together(order)
+        else:
+            # A GPU: one start at a time, each measured by the device memory it took (and
+            # vLLM profiles the free memory at start, which another start would skew).
+            for entry in order:
+                await self._start_together([entry])
         self._idle_task = asyncio.get_running_loop().create_task(
             self._idle_watch(), name="pool-idle"
         )
+
+    def _fits_at_start(self, entry: _Entry, used_gb: float) -> bool:
+        """Whether ``entry`` starts at boot beside ``used_gb`` (its footprint is set if so).
+
+        Raises:
+            EngineNotReady: ``entry`` is pinned and does not fit.
+        """
+        need = self._footprint(entry)
+        if used_gb + need > self.budget_gb:
+            if entry.pinned:
+                raise EngineNotReady(
+                    f"pinned models do not fit the device: {entry.engine.name} needs "
+                    f"{need:.2f} GiB, {self.budget_gb - used_gb:.2f} GiB are left"
+                )
+            logger.info("model %s stays cold: the device is full", entry.engine.name)
+            if self._progress is not None:
+                self._progress(entry.engine.name, "cold")
+            return False
+        entry.memory_gb = need
+        return True
+
+    async def _start_together(self, order: list[_Entry]) -> None:
+        """Start what fits side by side (engines that measure themselves, as on a CPU):
+        start-up is mostly one core's imports per engine. Models that measure more than
+        they were expected to are taken out again, the last in ``order`` first.
+
+        Raises:
+            Exception: what the first of them to fail raised, once all have ended.
+        """
+        chosen: list[_Entry] = []
+        for entry in order:
+            if self._fits_at_start(entry, sum(e.memory_gb for e in chosen) + self.used_gb()):
+                chosen.append(entry)
+        outcomes = await asyncio.gather(
+            *(self._launch(entry) for entry in chosen), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for entry in reversed(chosen):
+            if self.used_gb() > self.budget_gb and not entry.pinned:
+                logger.info("model %s took more than expected: taking it out", entry.engine.name)
+                await self._take_out(entry)
 
     async def shutdown(self) -> None:
         self._closed = True
