@@ -43,7 +43,9 @@ from gateway.settings import Settings, SettingsError
 from gateway.telemetry import Telemetry, setup_telemetry
 from gateway.usage import UsageRecorder
 from serving import Catalog, EngineHost, load_catalog
+from serving.placement import detect_device_kind
 from serving.progress import Progress
+from serving.remote import RemoteHost
 
 __all__ = ["create_app"]
 
@@ -53,7 +55,23 @@ logger = logging.getLogger(__name__)
 def host_for(
     settings: Settings, catalog: Catalog, *, progress: Progress | None = None
 ) -> EngineHost:
-    """The engines of ``catalog`` on this process's device, as the settings size them."""
+    """The engines of ``catalog`` on this process's device, as the settings size them; or,
+    with ``TOLLGATE_ENGINES=workers``, the workers' engines, reached over the wire.
+
+    Raises:
+        SettingsError: workers are asked for without a registry (``TOLLGATE_REDIS_URL``).
+    """
+    if settings.engines == "workers":
+        if not settings.redis_url:
+            raise SettingsError("TOLLGATE_ENGINES=workers needs TOLLGATE_REDIS_URL (the registry)")
+        from serving.registry import WorkerRegistry
+        from serving.router import Router
+
+        return RemoteHost(
+            WorkerRegistry.from_url(settings.redis_url, settings.deployment),
+            Router(settings.routing, balance=settings.route_balance),
+            load_secret(settings),
+        )
     return EngineHost(
         catalog,
         ready_wait_s=settings.engine_wait_s,
@@ -93,10 +111,15 @@ def create_app(
     shared_models = []
     for name in filter(None, (n.strip() for n in settings.cache_shared_models.split(","))):
         spec = host.catalog.get(name)
+        if spec is None and not host.local:  # the workers' models are known once they are
+            shared_models.append(name)
+            continue
         if spec is None:
             raise SettingsError(f"TOLLGATE_CACHE_SHARED_MODELS names an unknown model: {name!r}")
         shared_models.append(spec.name)
     telemetry = telemetry or setup_telemetry()
+    if isinstance(host, RemoteHost):
+        host.tracer = telemetry.tracer
     startup: dict[str, str | None] = {"error": None}
     database = make_engine(settings.database)
     accounts = AccountStore(database)
@@ -125,12 +148,14 @@ def create_app(
             return
         exc = task.exception()
         if exc is None:
-            rows = host.pool.status()
+            rows = host.models_status()
             logger.info(
                 "models ready: %s; cold until asked for: %s",
                 ", ".join(r.name for r in rows if r.state == "ready") or "none",
                 ", ".join(r.name for r in rows if r.state != "ready") or "none",
             )
+            if not host.local:
+                logger.info("routing to workers (%s)", settings.routing)
             if on_ready is not None:
                 on_ready()
             return
@@ -149,12 +174,24 @@ def create_app(
                 settings.redis_url, timeout_s=settings.quota_timeout_ms / 1000
             )
             watchdog.start()
-        outbox = make_outbox(database, settings.redis_url)
+        outbox = make_outbox(
+            database,
+            settings.redis_url,
+            claim_idle_ms=round(settings.outbox_claim_idle_s * 1000),
+        )
         # With Redis, events go to a stream; while Redis is down, to the SQL database; while
         # both fail, to a file on this machine's disk.
         fallback = SqlOutbox(database) if settings.redis_url else None
         spool = Spool(settings.data_path / "spool.db")
-        usage = UsageRecorder(outbox, ledger, fallback=fallback, spool=spool, watchdog=watchdog)
+        own_device = None
+        if host.local:
+            kind = settings.device_kind
+            if kind is None:
+                kind = await asyncio.to_thread(detect_device_kind)
+            own_device = (kind, settings.device_cost_per_hour)
+        usage = UsageRecorder(
+            outbox, ledger, fallback=fallback, spool=spool, watchdog=watchdog, device=own_device
+        )
         await usage.start()
         flushers = [Flusher(box, ledger) for box in (outbox, fallback) if box is not None]
         for flusher in flushers:
@@ -185,7 +222,7 @@ def create_app(
         )
         policy = ServingControl(accounts, host, cache, settings, secret)
         catalog_sync = None
-        if own_engines:
+        if own_engines and host.local:
             catalog_sync = CatalogSync(
                 accounts, host, settings.deployment, settings.data_path, on_change=policy.reapply
             )

@@ -56,6 +56,10 @@ class Usage(msgspec.Struct):
     cached_tokens: int = 0
     #: The engine's time for this call, in milliseconds (its share of the engine's steps).
     gpu_ms: float = 0.0
+    #: The device kind that served it and its cost per hour (USD, a decimal string), as
+    #: the engine's chunks name them (``None``: this process's own engines).
+    device: str | None = None
+    device_hour_usd: str | None = None
 
 
 class Outcome(enum.StrEnum):
@@ -193,6 +197,8 @@ class Call:
                 else self.obs.first_token_at - self.started,
                 from_response_cache=self.cache_status in (CacheStatus.HIT, CacheStatus.SHARED),
                 gpu_ms=round(self.usage.gpu_ms, 3),
+                device=self.usage.device,
+                device_hour_usd=self.usage.device_hour_usd,
             )
         if settle or event is None:
             spend = event.cost_usd if event is not None else Decimal(0)

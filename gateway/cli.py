@@ -75,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app, host_for
     from gateway.credentials import check_admin_token
     from gateway.settings import Settings, SettingsError
-    from serving import CatalogError, load_catalog
+    from serving import Catalog, CatalogError, load_catalog
     from serving.progress import EngineLogWatcher
 
     try:
@@ -118,7 +118,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         if settings.auth:  # refused before anything else is looked at
             check_admin_token(settings.admin_token)
-        catalog = load_catalog(settings.models_path, settings.data_path)
+        catalog = (
+            load_catalog(settings.models_path, settings.data_path)
+            if settings.engines == "local"
+            else Catalog([])
+        )
         host = host_for(settings, catalog, progress=progress)
         app = create_app(settings, host=host, on_ready=on_ready, on_startup_failure=on_failure)
     except (CatalogError, SettingsError) as exc:
@@ -128,7 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
         traceback.print_exc(file=console)
         return 1
     progress.widen([spec.name for spec in catalog])
-    if engine_log is not None:
+    if settings.engines == "workers":
+        print("Engines: on the workers in the registry", file=console)
+    elif engine_log is not None:
         print(f"Starting {len(catalog)} model(s); engine output: {engine_log}", file=console)
         watcher = EngineLogWatcher(
             engine_log, {spec.resolved_source: spec.name for spec in catalog}, progress
@@ -149,6 +155,35 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     server.run()
     return 1 if failed else 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from serving import CatalogError
+    from serving.worker import WorkerSettings, run_worker
+
+    try:
+        settings = WorkerSettings.from_env(
+            host=args.host, port=args.port, models=args.models, data_dir=args.data_dir
+        )
+    except ValueError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    engine_log = (
+        None
+        if settings.engine_log == "-"
+        else Path(settings.engine_log or Path(settings.data_dir) / "logs" / "worker-engines.log")
+    )
+    console = _console_and_engine_log(engine_log)
+    _setup_logging(settings.log_level, console)
+    if engine_log is not None:
+        engines = logging.getLogger("vllm")
+        engines.propagate = False
+        engines.addHandler(logging.StreamHandler(sys.stderr))
+    try:
+        return run_worker(settings)
+    except (CatalogError, ValueError) as exc:
+        print(f"tollgate: {exc}", file=console)
+        return 2
 
 
 def _demo(settings: Settings, console: TextIO | None = None) -> Settings:
@@ -237,7 +272,8 @@ def _billing_invoice(args: argparse.Namespace) -> int:
         try:
             rows = await ledger.invoice_rows(tenant.id, start, end)
             device_ms = await ledger.device_ms(tenant.id, start, end)
-            invoice = build_invoice(tenant.id, tenant.name, args.period, rows, device_ms)
+            devices = await ledger.device_rows(tenant.id, start, end)
+            invoice = build_invoice(tenant.id, tenant.name, args.period, rows, device_ms, devices)
             return invoice_to_dict(invoice)
         finally:
             await accounts.close()
@@ -360,6 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         "on an empty database",
     )
     serve.set_defaults(func=_serve)
+
+    worker = commands.add_parser(
+        "worker", help="serve one device's models to gateways (TOLLGATE_ENGINES=workers)"
+    )
+    worker.add_argument("--host", help="address to bind (TOLLGATE_HOST, default 127.0.0.1)")
+    worker.add_argument("--port", type=int, help="port (TOLLGATE_PORT, default 8100)")
+    worker.add_argument("--models", help="models file (TOLLGATE_MODELS)")
+    worker.add_argument("--data-dir", help="data directory (TOLLGATE_DATA_DIR, default .tollgate)")
+    worker.set_defaults(func=_worker)
 
     db = commands.add_parser("db", help="manage the database")
     db_commands = db.add_subparsers(dest="db_command", required=True)

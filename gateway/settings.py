@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
+from billing.pricing import device_rate
 from serving.catalog import default_catalog_path
 
 __all__ = ["Settings", "SettingsError"]
@@ -56,6 +57,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     quota_fail_open: bool = True
     #: How long admission waits for the quota store before treating it as down.
     quota_timeout_ms: int = 150
+    #: How long usage events a replica took from the shared outbox (Redis) and did not
+    #: acknowledge wait before another replica takes them over (the first presumed dead).
+    outbox_claim_idle_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     #: How long an unsettled reservation holds a concurrency slot (a replica died mid-request).
     quota_lease_s: int = 900
     #: How long a key lookup is trusted; a revoked key stops working within this.
@@ -75,11 +79,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: The device's memory for models, in GiB (weights plus KV budgets); unset: measured
     #: (a GPU's total memory, or the host's available memory on a CPU).
     device_memory_gb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: The kind of device this process's own engines run on (``cpu``, ``cuda``, ...);
+    #: unset: vLLM's platform's. Workers declare their own.
+    device_kind: str | None = None
+    #: What an hour of that device costs, in USD: the engine time of requests it serves is
+    #: billed at this rate (``0``: engine time is shown on bills, not charged).
+    device_cost_per_hour: str = "0"
     #: How long a request waits for its model to be brought onto the device before 503.
     cold_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     #: Models without requests for this long leave the device (sleep on GPUs, stop on
     #: CPUs), unless pinned; unset: they stay. A model's catalog entry may set its own.
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    #: ``local``: this process runs the engines (the embedded default); ``workers``: it
+    #: holds none and routes each request to a ``tollgate worker`` found in the registry
+    #: (Redis, ``redis_url``).
+    engines: Literal["local", "workers"] = "local"
+    #: How a gateway in front of workers chooses one: ``affinity`` (prefix-cache aware,
+    #: bounded loads) or ``round_robin``.
+    routing: Literal["affinity", "round_robin"] = "affinity"
+    #: No worker takes more than ``1 + route_balance`` times its share of the requests in
+    #: flight.
+    route_balance: Annotated[float, msgspec.Meta(ge=0)] = 0.5
     #: Where ``tollgate serve`` sends the engines' own output (``-``: leave it on the
     #: console); unset: ``logs/engines.log`` under the data dir.
     engine_log: str | None = None
@@ -129,6 +149,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def models_path(self) -> Path:
         return Path(self.models) if self.models is not None else default_catalog_path()
+
+    def __post_init__(self) -> None:
+        device_rate(self.device_cost_per_hour)  # ValueError: a clear setting error
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -15,32 +15,12 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Tracer
 
+from serving.tracing import exporter_kind, grpc, tracer_provider_from_env
+
 __all__ = ["Telemetry", "setup_telemetry"]
 
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
-
-
-def _exporter_kind(signal: str, env: Mapping[str, str]) -> str:
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return "none"
-    chosen = env.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower()
-    if chosen in ("none", "console"):
-        return chosen
-    if (
-        chosen == "otlp"
-        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
-    ):
-        return "otlp"
-    return "none"
-
-
-def _grpc(signal: str, env: Mapping[str, str]) -> bool:
-    protocol = env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL") or env.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
-    )
-    return protocol.strip().lower() == "grpc"
 
 
 class Telemetry:
@@ -150,37 +130,14 @@ def setup_telemetry(env: Mapping[str, str] | None = None) -> Telemetry:
     The providers are not made global, so several apps in one process stay apart.
     """
     env = os.environ if env is None else env
-    traces, metrics_kind = _exporter_kind("traces", env), _exporter_kind("metrics", env)
+    traces, metrics_kind = exporter_kind("traces", env), exporter_kind("metrics", env)
     if traces == "none" and metrics_kind == "none":
         return Telemetry()
-
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "tollgate")})
-    tracer_provider = meter_provider = None
-    if traces != "none":
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (
-            BatchSpanProcessor,
-            ConsoleSpanExporter,
-            SpanExporter,
-        )
-
-        span_exporter: SpanExporter
-        if traces == "console":
-            span_exporter = ConsoleSpanExporter()
-        elif _grpc("traces", env):
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            span_exporter = OTLPSpanExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-                OTLPSpanExporter as HttpSpanExporter,
-            )
-
-            span_exporter = HttpSpanExporter()
-        tracer_provider = TracerProvider(resource=resource)
-        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    tracer_provider = tracer_provider_from_env(env)
+    meter_provider = None
     if metrics_kind != "none":
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import (
@@ -192,7 +149,7 @@ def setup_telemetry(env: Mapping[str, str] | None = None) -> Telemetry:
         metric_exporter: MetricExporter
         if metrics_kind == "console":
             metric_exporter = ConsoleMetricExporter()
-        elif _grpc("metrics", env):
+        elif grpc("metrics", env):
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
             metric_exporter = OTLPMetricExporter()

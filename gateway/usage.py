@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import decimal
 import logging
 import time
 from collections.abc import Coroutine
@@ -32,7 +33,7 @@ from billing.deadletter import Source, reject
 from billing.events import CacheTier, EventStatus, UsageEvent, decode_event, encode_event
 from billing.ledger import InvalidEvent, Ledger
 from billing.outbox import Outbox, RedisOutbox
-from billing.pricing import Price, PriceBook, rate
+from billing.pricing import EXACT_CONTEXT, Price, PriceBook, device_cost, device_rate, rate
 from billing.spool import Spool
 from gateway.auth import Principal
 from gateway.quotas.watchdog import StoreWatchdog, guarded
@@ -60,6 +61,9 @@ class UsageRecorder:
         hard_timeout_s: The longest an append to the outbox may take.
         refresh_s: How often the price book is reloaded.
         replay_s: How often the spool is replayed while it holds events.
+        device: The kind of this process's own engines' device and what an hour of it costs
+            (USD, a decimal string): engine time of chunks that name no device (the
+            in-process engines) is priced at it.
     """
 
     def __init__(
@@ -73,7 +77,9 @@ class UsageRecorder:
         hard_timeout_s: float = 5.0,
         refresh_s: float = 5.0,
         replay_s: float = 1.0,
+        device: tuple[str, str] | None = None,
     ) -> None:
+        self._device = device
         self.outbox = outbox
         self.fallback = fallback
         self.spool = spool
@@ -137,11 +143,15 @@ class UsageRecorder:
         ttft_s: float | None = None,
         from_response_cache: bool = False,
         gpu_ms: float | None = None,
+        device: str | None = None,
+        device_hour_usd: str | None = None,
     ) -> UsageEvent:
         """One request's event, priced at the version in effect now.
 
         ``from_response_cache``: the answer came from the response cache (a hit, or another
-        request's generation shared), billed at the response-cache prices.
+        request's generation shared), billed at the response-cache prices. ``gpu_ms`` is
+        priced at ``device_hour_usd``, the rate of the ``device`` that served it (this
+        process's own device when neither is named).
         """
         now = datetime.now(UTC)
         price = self.price(model, now)
@@ -150,6 +160,17 @@ class UsageRecorder:
             cached_tokens = prompt_tokens
         else:
             tier = CacheTier.PREFIX if cached_tokens else CacheTier.NONE
+        if gpu_ms and device is None and device_hour_usd is None and self._device is not None:
+            device, device_hour_usd = self._device
+        try:
+            hour_usd = device_rate(device_hour_usd)
+        except ValueError:
+            logger.warning("device %s declares an invalid cost per hour; left unpriced", device)
+            hour_usd = None
+        device_usd = device_cost(gpu_ms, hour_usd)
+        tokens_usd = rate(price, prompt_tokens, cached_tokens, completion_tokens, tier)
+        with decimal.localcontext(EXACT_CONTEXT):
+            cost_usd = tokens_usd + device_usd
         return UsageEvent(
             id=request_id,
             occurred_at=now,
@@ -165,7 +186,10 @@ class UsageRecorder:
             latency_ms=round(latency_s * 1000, 3),
             ttft_ms=None if ttft_s is None else round(ttft_s * 1000, 3),
             gpu_ms=gpu_ms,
-            cost_usd=rate(price, prompt_tokens, cached_tokens, completion_tokens, tier),
+            device=device if gpu_ms else None,
+            device_hour_usd=hour_usd if gpu_ms else None,
+            device_cost_usd=device_usd,
+            cost_usd=cost_usd,
             price_id=None if price is None else price.id,
         )
 

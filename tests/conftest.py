@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from serving.demo import prepare_demo_models
@@ -212,12 +214,84 @@ def stop_gateway(gw: Gateway) -> None:
 
 @pytest.fixture(scope="session")
 def gateway(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(deployment, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    # It takes over what a replica killed by a test left in the shared outbox after 5 s,
+    # not the default 30 s.
+    gw = start_gateway(
+        deployment,
+        tmp_path_factory.mktemp("gateway") / "gateway.log",
+        TOLLGATE_OUTBOX_CLAIM_IDLE_S="5",
+    )
     try:
         wait_ready(gw)
         yield gw
     finally:
         stop_gateway(gw)
+
+
+@pytest.fixture(scope="session")
+def victim(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway of the shared deployment whose engines the tests kill (and whose Redis they
+    restart): both demo models, eager, waiting 3 s for an engine that restarts. Shared by the
+    modules that break it, each of which leaves it serving again."""
+    from tests.support.catalogs import CHAT_AND_EMBEDDINGS
+
+    folder = tmp_path_factory.mktemp("victim")
+    catalog = folder / "victim.toml"
+    catalog.write_text(CHAT_AND_EMBEDDINGS)
+    gw = start_gateway(
+        deployment, folder / "gateway.log", "--models", str(catalog), TOLLGATE_ENGINE_WAIT_S="3"
+    )
+    try:
+        wait_ready(gw)
+        yield gw
+    finally:
+        stop_gateway(gw)
+
+
+def chat_engine_core(gw: Gateway) -> psutil.Process:
+    """demo-chat's engine core process under ``gw``, which may also run minilm's; called
+    while chat requests are running.
+
+    The engines' processes do not name their model and keep no weight file open once
+    loaded; demo-chat's is the one working: its processes take most of the CPU time while
+    generation runs (an embedding takes a fraction of one decode step). When neither works,
+    it is the one whose processes hold the KV cache.
+    """
+    cores = [
+        p
+        for p in psutil.Process(gw.process.pid).children(recursive=True)
+        if "EngineCore" in p.name()
+    ]
+    assert 1 <= len(cores) <= 2, [c.pid for c in cores]
+    if len(cores) == 1:
+        return cores[0]
+
+    def cpu_s(core: psutil.Process) -> float:
+        total = 0.0
+        for process in (core, *core.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def unique_bytes(core: psutil.Process) -> int:
+        total = 0
+        for process in (core, *core.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_full_info().uss
+        return total
+
+    before = [cpu_s(core) for core in cores]
+    time.sleep(1.5)
+    used = [cpu_s(core) - start for core, start in zip(cores, before, strict=True)]
+    busy = max(range(2), key=lambda i: used[i])
+    if used[busy] > 0.2 and used[busy] > 2 * used[1 - busy]:
+        return cores[busy]
+    # Nothing is generating (the requests are held up elsewhere): demo-chat's processes
+    # hold its KV cache (0.25 GiB in the catalogs that run both; an encoder has none).
+    light, heavy = sorted(cores, key=unique_bytes)
+    assert unique_bytes(heavy) - unique_bytes(light) > 128 * 2**20, f"no engine busy: {used}"
+    return heavy
 
 
 @pytest.fixture(scope="session")

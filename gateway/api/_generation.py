@@ -167,6 +167,8 @@ class Generation:
             if chunk.engine_ms is not None:
                 self._engine_ms[p] = chunk.engine_ms
                 usage.gpu_ms = sum(self._engine_ms.values())
+                usage.device = chunk.device
+                usage.device_hour_usd = chunk.device_cost_per_hour
             self.queue_ms = max(self.queue_ms, chunk.queue_ms)
             self.cold_start_ms = max(self.cold_start_ms, chunk.cold_start_ms)
         for choice in chunk.choices:
@@ -204,6 +206,15 @@ class Generation:
                     await on_chunk(p, chunk)
                 return
             flight = cache.join(key)
+        if flight is None and self.cache_mode is CacheMode.USE:
+            # Another replica may be generating it: its answer, once it is done.
+            recording = await cache.elsewhere(key)
+            flight = cache.join(key)  # or a flight here started meanwhile
+            if flight is None and recording is not None:
+                self._settle_source(cache, CacheStatus.SHARED)
+                for p, chunk in recording.items:
+                    await on_chunk(p, chunk)
+                return
         if flight is not None:
             self._settle_source(cache, CacheStatus.SHARED)
         else:

@@ -391,6 +391,17 @@ class InvoiceLine(_Closed):
     amount_usd: Money
 
 
+class InvoiceDeviceLine(_Closed):
+    model: str
+    #: The device kind (``cpu``, ``cuda``, ...); null where it was not named.
+    device: str | None
+    description: str
+    unit_price_per_hour: Money
+    #: Device-seconds.
+    seconds: Annotated[float, Meta(ge=0)]
+    amount_usd: Money
+
+
 class Invoice(_Closed):
     """A tenant's invoice for one calendar month (UTC)."""
 
@@ -405,6 +416,8 @@ class Invoice(_Closed):
     exact_total_usd: Money
     #: Engine time per model in the period (device-seconds; CPU seconds on a CPU engine).
     device_seconds: dict[str, Annotated[float, Meta(ge=0)]]
+    #: Engine time per model, device kind and rate, priced at the rate; part of the total.
+    device_lines: list[InvoiceDeviceLine]
 
 
 class DeadLetter(_Closed):

@@ -614,7 +614,7 @@ class AdminController(Controller):
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
         operator_only(caller(request), "list the deployed models")
-        rows = [msgspec.structs.asdict(s) for s in services.host.pool.status()]
+        rows = [msgspec.structs.asdict(s) for s in services.host.models_status()]
         return json_response({"object": "list", "data": rows})
 
     @put(
@@ -647,7 +647,7 @@ class AdminController(Controller):
             text = str(exc)
             param = next((p for p in ("source", "engine", "adapter") if p in text), "name")
             raise InvalidRequest(text, param=param) from None
-        row = next(s for s in services.host.pool.status() if s.name == name)
+        row = next(s for s in services.host.models_status() if s.name == name)
         return json_response(msgspec.to_builtins(row), status_code=201 if created else 200)
 
     @delete(
@@ -747,7 +747,7 @@ class AdminController(Controller):
         self, request: Request[Any, Any, Any], services: NamedDependency[Services]
     ) -> Response[bytes]:
         operator_only(caller(request), "read the placement")
-        return json_response(msgspec.to_builtins(services.host.pool.placement()))
+        return json_response(msgspec.to_builtins(services.host.placement()))
 
     # The serving policy
 

@@ -297,7 +297,8 @@ class BillingController(Controller):
             raise NotFound(f"No tenant with id '{scope}'.", param="tenant") from None
         rows = await services.usage.ledger.invoice_rows(scope, start, end)
         device_ms = await services.usage.ledger.device_ms(scope, start, end)
-        invoice = build_invoice(scope, tenant_row.name, period, rows, device_ms)
+        devices = await services.usage.ledger.device_rows(scope, start, end)
+        invoice = build_invoice(scope, tenant_row.name, period, rows, device_ms, devices)
         return json_response(invoice_to_dict(invoice))
 
     @get(

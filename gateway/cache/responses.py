@@ -15,6 +15,13 @@ answer renders for itself.
   is done, or when its last caller has gone (then the engine's requests are aborted); one
   that ran to the end stores its recording for later hits.
 
+On a store that replicas share (Redis), the flight of a key is also claimed in the store for
+as long as it runs: an identical request on another replica that finds the claim waits for
+the recording (polling the store) and answers from it, **shared**, instead of generating it
+again; when the claim goes without a recording (the generation failed, its replica died),
+the request claims the key and generates it itself. Followers on the flight's own replica
+stream live; followers on other replicas get the answer once it is complete.
+
 The namespace is the tenant by default, so a tenant's keys share their answers and nothing
 crosses tenants; an operator may share a model's answers across tenants.
 """
@@ -27,6 +34,7 @@ import contextlib
 import enum
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
@@ -46,6 +54,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: How long a replica's claim of a generation lasts unless renewed (it dies, it expires).
+_CLAIM_TTL_S = 6.0
+#: How often a request waiting for another replica's generation looks for its answer.
+_POLL_S = 0.02
 
 #: One engine chunk of one prompt of a call.
 Item = tuple[int, GenerationChunk]
@@ -253,6 +266,8 @@ class ResponseCache:
         #: Answers per (model, status).
         self.counts: collections.Counter[tuple[str, CacheStatus]] = collections.Counter()
         self._warned_at = 0.0
+        #: This replica's name in the claims of the shared store.
+        self.owner = secrets.token_hex(8)
 
     def key(
         self,
@@ -282,6 +297,33 @@ class ResponseCache:
         except msgspec.DecodeError:  # written by another version; recompute it
             return None
 
+    async def elsewhere(self, key: str, *, wait_s: float = 600.0) -> Recording | None:
+        """When another replica is generating ``key``: its recording, once stored.
+
+        ``None`` means this replica must generate it (and now holds the claim, or the store
+        cannot say): the store is not shared, no one else claimed the key, or the claim went
+        without a recording.
+        """
+        store = self.store
+        if not store.shared:
+            return None
+        try:
+            if await store.claim(key, self.owner, _CLAIM_TTL_S):
+                return None
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                await asyncio.sleep(_POLL_S)
+                recording = await self.lookup(key)
+                if recording is not None:
+                    return recording
+                if not await store.claimed(key) and await store.claim(
+                    key, self.owner, _CLAIM_TTL_S
+                ):
+                    return None
+        except CacheUnavailable as exc:
+            self._warn("claim", exc)
+        return None
+
     def join(self, key: str) -> Flight | None:
         """The flight of ``key`` in progress, if there is one that can still be shared."""
         flight = self.flights.get(key)
@@ -294,6 +336,8 @@ class ResponseCache:
     ) -> Flight:
         """A new flight of ``key`` on ``streams``; ``store``: keep its recording for hits."""
 
+        renew = asyncio.create_task(self._hold(key)) if self.store.shared else None
+
         async def done(flight: Flight) -> None:
             try:
                 if store and flight.complete and _cacheable(flight.items):
@@ -305,10 +349,21 @@ class ResponseCache:
             finally:
                 if self.flights.get(key) is flight:
                     del self.flights[key]
+                if renew is not None:
+                    renew.cancel()
+                    with contextlib.suppress(CacheUnavailable):
+                        await self.store.release(key, self.owner)
 
         flight = Flight(key, streams, done)
         self.flights[key] = flight
         return flight
+
+    async def _hold(self, key: str) -> None:
+        """Renew this replica's claim of ``key`` while its flight runs."""
+        while True:
+            await asyncio.sleep(_CLAIM_TTL_S / 3)
+            with contextlib.suppress(CacheUnavailable):
+                await self.store.claim(key, self.owner, _CLAIM_TTL_S)
 
     def count(self, model: str, status: CacheStatus) -> None:
         self.counts[(model, status)] += 1

@@ -37,8 +37,24 @@ class CacheStore(abc.ABC):
             stored.
     """
 
+    #: Replicas share it: a generation in progress is claimed here, so that identical
+    #: requests on other replicas wait for its answer instead of generating it again.
+    shared = False
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+
+    async def claim(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Claim the generation of ``key`` for ``owner`` for ``ttl_s`` (again: renew it);
+        whether ``owner`` holds it. One process's store has no one to share with."""
+        return True
+
+    async def claimed(self, key: str) -> bool:
+        """Whether some replica holds the claim of ``key``."""
+        return False
+
+    async def release(self, key: str, owner: str) -> None:  # noqa: B027 (none held here)
+        """Give up ``owner``'s claim of ``key`` (another's stays)."""
 
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:
@@ -151,6 +167,29 @@ return value
 """
 
 
+# KEYS: the claim. ARGV: owner, ttl in ms. Takes a free claim, renews one's own.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: the claim. ARGV: owner.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
 class RedisCacheStore(CacheStore):
     """Entries in Redis, shared by every replica; each call is one Lua script.
 
@@ -178,6 +217,10 @@ class RedisCacheStore(CacheStore):
         self._timeout = op_timeout_s
         self._put: AsyncScript = client.register_script(_PUT)
         self._get: AsyncScript = client.register_script(_GET)
+        self._claim: AsyncScript = client.register_script(_CLAIM)
+        self._release: AsyncScript = client.register_script(_RELEASE)
+
+    shared = True
 
     @classmethod
     def from_url(
@@ -219,6 +262,31 @@ class RedisCacheStore(CacheStore):
                     keys=[self._index, self._sizes, self._key(key)],
                     args=[value, ttl_ms, self.max_bytes],
                 )
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailable(type(exc).__name__) from None
+
+    def _flight(self, key: str) -> str:
+        return f"{self._prefix}:f:{key}"
+
+    async def claim(self, key: str, owner: str, ttl_s: float) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                held = await self._claim(keys=[self._flight(key)], args=[owner, int(ttl_s * 1000)])
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailable(type(exc).__name__) from None
+        return bool(held)
+
+    async def claimed(self, key: str) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._client.exists(self._flight(key)))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailable(type(exc).__name__) from None
+
+    async def release(self, key: str, owner: str) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._release(keys=[self._flight(key)], args=[owner])
         except (RedisError, OSError, TimeoutError) as exc:
             raise CacheUnavailable(type(exc).__name__) from None
 

@@ -31,7 +31,7 @@ import pytest
 
 from billing.pricing import to_nano_usd
 from gateway.quotas import RedisQuotaStore
-from tests.conftest import Deployment, Gateway, start_gateway, stop_gateway, wait_ready
+from tests.conftest import Deployment, Gateway, chat_engine_core
 from tests.support.admin import Admin
 from tests.support.raw import connect, head_of, read_all, read_until, request_bytes
 from tests.support.waits import events_of
@@ -148,19 +148,13 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def chaos_gateway(
-    deployment: Deployment, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
+def chaos_gateway(victim: Gateway, deployment: Deployment) -> Iterator[Gateway]:
     """A gateway with both demo models, whose Redis is restarted and engine killed."""
-    folder = tmp_path_factory.mktemp("chaos")
-    gw = start_gateway(deployment, folder / "gateway.log", TOLLGATE_ENGINE_WAIT_S="3")
     try:
-        wait_ready(gw)
-        yield gw
+        yield victim
     finally:
         deployment.redis.resume()
         deployment.redis.start()
-        stop_gateway(gw)
 
 
 @pytest.fixture
@@ -172,22 +166,9 @@ async def store(deployment: Deployment) -> AsyncIterator[RedisQuotaStore]:
 
 def kill_chat_engine(gw: Gateway) -> int:
     """SIGKILL demo-chat's engine core process; its pid."""
-    cores = [
-        p
-        for p in psutil.Process(gw.process.pid).children(recursive=True)
-        if "EngineCore" in p.name()
-    ]
-    assert len(cores) == 2
-    for core in cores:
-        try:
-            maps = " ".join(m.path for m in core.memory_maps())
-        except psutil.Error:
-            continue
-        if "demo-chat" in maps:
-            core.kill()
-            return int(core.pid)
-    cores[0].kill()
-    return int(cores[0].pid)
+    core = chat_engine_core(gw)
+    core.kill()
+    return int(core.pid)
 
 
 def models_state(gw: Gateway) -> dict[str, Any]:

@@ -28,3 +28,10 @@ def test_overrides_win_over_environment() -> None:
 def test_bad_values_name_the_setting() -> None:
     with pytest.raises(SettingsError, match="port"):
         Settings.from_env({"TOLLGATE_PORT": "eighty"})
+
+
+def test_outbox_claim_idle_time_is_positive_seconds() -> None:
+    assert Settings.from_env({}).outbox_claim_idle_s == 30.0
+    assert Settings.from_env({"TOLLGATE_OUTBOX_CLAIM_IDLE_S": "2.5"}).outbox_claim_idle_s == 2.5
+    with pytest.raises(SettingsError, match="outbox_claim_idle_s"):
+        Settings.from_env({"TOLLGATE_OUTBOX_CLAIM_IDLE_S": "0"})

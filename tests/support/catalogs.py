@@ -16,3 +16,20 @@ kv_cache_gb = 0.25
 max_num_seqs = 128
 extra = { enforce_eager = true }
 """
+
+#: Both demo models, eager, with small KV caches: for the gateway whose engines the tests kill.
+CHAT_AND_EMBEDDINGS = (
+    CHAT_ONLY
+    + """
+[[models]]
+name = "minilm"
+source = "{data_dir}/models/minilm"
+kind = "embedding"
+
+[models.engine]
+max_model_len = 256
+dtype = "float32"
+kv_cache_gb = 0.25
+extra = { enforce_eager = true }
+"""
+)
