@@ -46,12 +46,16 @@ run: setup
 test: setup services
 	$(BIN)/python -m pytest
 
-# The tests start throwaway Redis and PostgreSQL servers from their binaries when none runs;
-# install the binaries where they are missing (Debian, as root or with sudo).
+# The tests start throwaway Redis and PostgreSQL servers from their binaries when none runs,
+# and resolve docker-compose.yml with Compose (`config` only: no Docker engine is needed);
+# install what is missing (Debian, as root or with sudo). PyPI's docker-compose does not
+# build on Python 3.11 (it pins PyYAML 5, which no longer builds); Debian's package does.
 services:
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -q && $(APT) redis-server; }
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -q && $(APT) postgresql; }
+	@command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(APT) docker-compose; }
 
 check: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -68,6 +72,7 @@ bench: setup
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/efficiency.py
 	$(BIN)/python bench/colocation.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .ruff_cache .pytest_cache
