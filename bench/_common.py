@@ -1,5 +1,5 @@
-"""What the benchmarks share: percentiles, free ports, a throwaway Redis, and the servers of
-``bench/gateway.py``."""
+"""What the benchmarks share: percentiles, free ports, a throwaway Redis, a migrated
+PostgreSQL database, and the servers of ``bench/gateway.py``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def redis_url(*server_args: str, db: int = 0) -> Iterator[str]:
         proc.terminate()
         proc.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_url() -> Iterator[str]:
+    """A fresh, migrated database on the configured or the local PostgreSQL server."""
+    from gateway.db import upgrade
+    from tests.support.postgres_server import PostgresServer, postgres_server
+
+    configured = os.environ.get("TOLLGATE_DATABASE_URL", "")
+    if configured.startswith(("postgres://", "postgresql")):
+        with PostgresServer(configured).database() as url:
+            upgrade(url)
+            yield url
+        return
+    with postgres_server() as server, server.database() as url:
+        upgrade(url)
+        yield url
 
 
 def bench_servers() -> ModuleType:

@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -40,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 # After the path is set: the benchmark runs from a checkout.
 import redis  # noqa: E402
 import redis.asyncio  # noqa: E402
-from _common import percentile, redis_url  # noqa: E402 (bench/ is the script's folder)
+from _common import percentile, postgres_url, redis_url  # noqa: E402 (bench/ is the script's folder)
 from sqlalchemy import Engine, delete, insert  # noqa: E402
 
 from billing.events import UsageEvent, encode_event  # noqa: E402
@@ -50,7 +47,6 @@ from billing.outbox import Outbox, RedisOutbox, SqlOutbox  # noqa: E402
 from billing.pricing import Price, rate  # noqa: E402
 from billing.tables import metadata, outbox  # noqa: E402
 from gateway.db import make_engine, upgrade  # noqa: E402
-from tests.support.postgres_server import PostgresServer, postgres_server  # noqa: E402
 
 FLUSH_TARGET = 5000.0
 APPEND_TARGET_MS = 0.2
@@ -58,20 +54,6 @@ BATCH = 1000
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 #: Persistence as a production Redis runs it.
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
-
-
-@contextlib.contextmanager
-def postgres_url() -> Iterator[str]:
-    """A fresh, migrated database on the configured or the local PostgreSQL server."""
-    configured = os.environ.get("TOLLGATE_DATABASE_URL", "")
-    if configured.startswith(("postgres://", "postgresql")):
-        with PostgresServer(configured).database() as url:
-            upgrade(url)
-            yield url
-        return
-    with postgres_server() as server, server.database() as url:
-        upgrade(url)
-        yield url
 
 
 def make_events(n: int, price: Price, prefix: str) -> list[UsageEvent]:
