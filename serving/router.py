@@ -324,10 +324,12 @@ class Router:
         self.peak_inflight[worker_id] = max(self.peak_inflight.get(worker_id, 0), load)
         key = (worker_id, route.reason)
         self.routed[key] = self.routed.get(key, 0) + 1
-        self._known.setdefault(worker_id, _Known()).add(hashes)
         self._learn(hashes)
         if hashes:
+            # Before the worker is known to hold this prompt: whether the prompt continues a
+            # conversation already there is told by what the worker held before it.
             self._hold(hashes, worker_id)
+        self._known.setdefault(worker_id, _Known()).add(hashes)
 
     def ended(self, worker_id: str) -> None:
         left = self.inflight.get(worker_id, 0) - 1
