@@ -12,15 +12,15 @@ blocks prompts continue in different ways (a system prompt that conversations sh
 at such a block), and takes the first block after the deepest of them as the prompt's key,
 the same at every turn of a conversation. When some worker holds more of the prompt than
 that shared part (the next turn of a conversation), the router prefers the one holding the
-longest prefix; otherwise (a new conversation) it prefers the worker holding the fewest
-conversations lately (SGLang's cache-aware router sends unmatched requests to the worker
-with the smallest cache tree for the same reason), then the rendezvous hash of the key, so
-that conversations divide among the workers and each worker's KV cache holds its share of
-them, not all of them. It takes the first whose load is under the bound
-``ceil((1 + balance) * (total load + 1) / workers)`` (consistent hashing with bounded loads,
-Mirrokni, Thorup and Zadimoghaddam, 2018), so that no worker takes more than its share
-times ``1 + balance``. ``round_robin`` ignores prefixes (the baseline the benchmark compares
-against).
+longest prefix; otherwise (a new conversation) it prefers the worker whose conversations
+of the last minutes hold the fewest blocks (SGLang's cache-aware router sends unmatched
+requests to the worker with the smallest cache tree for the same reason), then the
+rendezvous hash of the key, so that conversations divide among the workers and each
+worker's KV cache holds its share of them, not all of them. It takes the first whose load
+is under the bound ``ceil((1 + balance) * (total load + 1) / workers)`` (consistent
+hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam, 2018), so that no worker
+takes more than its share times ``1 + balance``. ``round_robin`` ignores prefixes (the
+baseline the benchmark compares against).
 
 A model resident nowhere is brought in where `serving.placement.choose_device` says: where
 it fits without evicting anything, on the cheapest device per hour.
@@ -137,9 +137,9 @@ class Router:
         #: Each block hash's following block in the prompts routed, or `_BRANCH` when
         #: prompts continue it differently (a shared prefix ends there).
         self._children: OrderedDict[str, str] = OrderedDict()
-        #: Conversations (their keys) lately routed, to the worker each went to, and how
-        #: many each worker holds.
-        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: Conversations (their keys) lately routed: the worker each went to, when, and its
+        #: blocks at its latest turn; and the blocks of the conversations each worker holds.
+        self._sessions: OrderedDict[str, tuple[str, float, int]] = OrderedDict()
         self._held: dict[str, int] = {}
 
     def update(self, workers: list[WorkerInfo]) -> None:
@@ -213,7 +213,7 @@ class Router:
             # The prompt's own blocks are cached somewhere (a conversation's next turn): on
             # the conversation's home worker when it holds them (a turn sent elsewhere while
             # home was over its bound does not move the conversation), else the deepest.
-            home = self._sessions.get(key, ("", 0.0))[0]
+            home = self._sessions.get(key, ("", 0.0, 0))[0]
             order = sorted(
                 resident,
                 key=lambda w: (
@@ -223,9 +223,11 @@ class Router:
                 ),
             )
         else:
-            # A new conversation, sharing a system prompt at most: to the worker holding the
-            # fewest conversations lately, so that each worker's KV cache holds its share
-            # of them (the shared part is prefilled once per worker); ties by its key.
+            # A new conversation, sharing a system prompt at most: to the worker whose recent
+            # conversations hold the fewest blocks, so that each worker's KV cache holds its
+            # share of them (the shared part is prefilled once per worker; a short one-off
+            # request weighs what it holds, not as much as a long conversation); ties by
+            # its key.
             held = self._held
             order = sorted(resident, key=lambda w: (held.get(w.id, 0), _score(key, w.id)))
         total = sum(self.load(w) for w in resident) + 1
@@ -264,11 +266,15 @@ class Router:
     def _hold(self, hashes: Sequence[str], worker_id: str) -> None:
         """Remember the conversation of the prompt ``hashes``: its key is the first block
         after the shared part, its home is where it started (or where it went once its home
-        had left the fleet)."""
-        sessions, held = self._sessions, self._held
+        had left the fleet), its weight the prompt's blocks."""
+        sessions = self._sessions
         split = min(self._split(hashes), len(hashes) - 1)
         key, now = hashes[split], time.monotonic()
-        home = sessions.get(key, (None, 0.0))[0]
+        home: str | None = None
+        earlier = sessions.pop(key, None)
+        if earlier is not None:
+            home = earlier[0]
+            self._release(earlier)
         for shared in hashes[:split]:
             # This conversation keyed on a block that has turned out to be shared (the
             # first conversation on a system prompt, before a second one showed where it
@@ -277,23 +283,26 @@ class Router:
             if mis_keyed is None or self._depth(mis_keyed[0], hashes) <= split:
                 continue
             del sessions[shared]
+            self._release(mis_keyed)
             if home is None:
                 home = mis_keyed[0]
-            else:
-                held[mis_keyed[0]] -= 1
         if home is None or home not in self._workers:
-            if home is not None:
-                held[home] -= 1
-            held[worker_id] = held.get(worker_id, 0) + 1
             home = worker_id
-        sessions[key] = (home, now)
-        sessions.move_to_end(key)
+        sessions[key] = (home, now, len(hashes))
+        self._held[home] = self._held.get(home, 0) + len(hashes)
         while sessions and (
             len(sessions) > _MAX_SESSIONS
             or next(iter(sessions.values()))[1] < now - _SESSION_IDLE_S
         ):
-            _, (gone, _) = sessions.popitem(last=False)
-            held[gone] -= 1
+            self._release(sessions.popitem(last=False)[1])
+
+    def _release(self, session: tuple[str, float, int]) -> None:
+        home, _, blocks = session
+        left = self._held.get(home, 0) - blocks
+        if left > 0:
+            self._held[home] = left
+        else:
+            self._held.pop(home, None)
 
     def _depth(self, worker_id: str, hashes: Sequence[str]) -> int:
         known = self._known.get(worker_id)

@@ -4,6 +4,7 @@ workers; these pin down the rules)."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -72,15 +73,25 @@ def test_conversations_divide_among_workers_and_stay_home() -> None:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_conversations_opened_at_once_divide_evenly(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("workers", "one_off", "expected"),
+    [("abc", False, [2, 3, 3]), ("abcd", True, [2, 2, 2, 2])],
+    ids=["three workers", "four workers after a one-off request"],
+)
+def test_conversations_opened_at_once_divide_evenly(
+    seed: int, workers: str, one_off: bool, expected: list[int]
+) -> None:
     """Eight conversations on one system prompt, their first turns all in flight together
     (the second arrives before anything showed where the shared part ends), then their next
-    turns: 3, 3 and 2 conversations a worker, every turn at home, nothing counted twice.
-    Under some seeds a later conversation's first turn lands where the first one started:
-    it is a conversation of its own, not the first one's next turn."""
+    turns: an even share of conversations a worker, every turn at home, nothing counted
+    twice. Under some seeds a later conversation's first turn lands where the first one
+    started: it is a conversation of its own, not the first one's next turn. A short
+    request before them weighs its one block, not a conversation's dozens."""
     rng = random.Random(seed)  # noqa: S311 (made-up prompts)
     router = Router()
-    router.update([worker("a"), worker("b"), worker("c")])
+    router.update([worker(w) for w in workers])
+    if one_off:
+        router.ended(send(router, [rng.randrange(1000) for _ in range(12)]).worker.id)
     system = [rng.randrange(1000) for _ in range(4 * BLOCK)]
     chats = [conversation(rng, system, 4) for _ in range(8)]
     homes: dict[int, set[str]] = {c: set() for c in range(8)}
@@ -91,9 +102,13 @@ def test_conversations_opened_at_once_divide_evenly(seed: int) -> None:
         for route in routes:
             router.ended(route.worker.id)
     assert all(len(h) == 1 for h in homes.values()), homes
-    per_worker = sorted(sum(1 for h in homes.values() if w in h) for w in "abc")
-    assert per_worker == [2, 3, 3], homes
-    assert sorted(router._held.values()) == [2, 3, 3]
+    per_worker = sorted(sum(1 for h in homes.values() if w in h) for w in workers)
+    assert per_worker == expected, homes
+    held: Counter[str] = Counter()
+    for home, _, blocks in router._sessions.values():
+        held[home] += blocks
+    assert router._held == dict(held)
+    assert len(router._sessions) == 8 + one_off
 
 
 def test_no_worker_takes_more_than_its_bound() -> None:
