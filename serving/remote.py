@@ -33,7 +33,6 @@ from serving.engine import (
     EngineState,
     EngineStats,
     GenerationChunk,
-    InvalidPrompt,
     ModelEngine,
     SamplingOptions,
     ServingError,
@@ -111,14 +110,7 @@ class RemoteGenerationEngine(_Remote, VllmGenerationEngine):
         context: RequestContext | None = None,
         adapter: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        self.check_prompt(prompt, options.max_tokens)
-        if adapter is not None and not any(a.name == adapter for a in self.spec.adapters):
-            raise InvalidPrompt(f"the model `{self.name}` has no adapter `{adapter}`", "model")
-        if options.logit_bias and max(options.logit_bias) >= self._vocab_size:
-            raise InvalidPrompt(
-                f"logit_bias token ids must lie in [0, {self._vocab_size}) for this model",
-                param="logit_bias",
-            )
+        self.check_request(prompt, options, adapter)
         call = GenerateCall(
             model=self.spec.name,
             prompt=prompt,
@@ -356,6 +348,21 @@ class RemoteHost(EngineHost):
             )
         return route
 
+    def _attempt(
+        self, model: str, hashes: list[str], tried: set[str], last: ServingError | None
+    ) -> Route:
+        """The next worker to try, started; when none is left, the last attempt's error (or,
+        at the first attempt, why no worker serves the model)."""
+        try:
+            route = self._route(model, hashes, tried)
+        except ServingError:
+            if last is not None:
+                raise last from None
+            raise
+        tried.add(route.worker.id)
+        self.router.started(route, hashes)
+        return route
+
     def _headers(self, path: str, body: bytes) -> dict[str, str]:
         from opentelemetry.propagate import inject
 
@@ -385,15 +392,8 @@ class RemoteHost(EngineHost):
         tried: set[str] = set()
         last: ServingError | None = None
         for _ in range(self.attempts):
-            try:
-                route = self._route(call.model, hashes, tried)
-            except ServingError:
-                if last is not None:
-                    raise last from None
-                raise
+            route = self._attempt(call.model, hashes, tried, last)
             worker = route.worker
-            tried.add(worker.id)
-            self.router.started(route, hashes)
             yielded = False
             try:
                 with self._span(route, call.model):
@@ -452,15 +452,8 @@ class RemoteHost(EngineHost):
         tried: set[str] = set()
         last: ServingError | None = None
         for _ in range(self.attempts):
-            try:
-                route = self._route(call.model, hashes, tried)
-            except ServingError:
-                if last is not None:
-                    raise last from None
-                raise
+            route = self._attempt(call.model, hashes, tried, last)
             worker = route.worker
-            tried.add(worker.id)
-            self.router.started(route, hashes)
             try:
                 with self._span(route, call.model):
                     try:

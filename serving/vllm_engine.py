@@ -569,13 +569,8 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
     ) -> AsyncIterator[GenerationChunk]:
         # Checked here, before the first chunk is awaited, so a bad request fails before a
         # caller commits to a streamed answer.
-        self.check_prompt(prompt, options.max_tokens)
+        self.check_request(prompt, options, adapter)
         lora = self._lora(adapter) if adapter is not None else None
-        if options.logit_bias and max(options.logit_bias) >= self._vocab_size:
-            raise InvalidPrompt(
-                f"logit_bias token ids must lie in [0, {self._vocab_size}) for this model",
-                param="logit_bias",
-            )
         copies = 1
         if options.n > 1 and options.temperature is not None and options.temperature < 1e-5:
             # Greedy choices are all the same, and vLLM refuses n > 1 for them: run one
@@ -591,6 +586,28 @@ class VllmGenerationEngine(_VllmEngine, GenerationEngine):
             context or RequestContext(),
             lora,
         )
+
+    def check_request(
+        self, prompt: list[int], options: SamplingOptions, adapter: str | None
+    ) -> None:
+        """The prompt, the adapter and the sampling options' token ids, checked against the
+        model before anything is queued or sent to a worker.
+
+        Raises:
+            InvalidPrompt: the request cannot run on this model.
+        """
+        self.check_prompt(prompt, options.max_tokens)
+        if adapter is not None and (
+            not lora_enabled(self.spec) or not any(a.name == adapter for a in self.spec.adapters)
+        ):
+            raise InvalidPrompt(
+                f"the model `{self.name}` has no adapter `{adapter}`", param="model"
+            )
+        if options.logit_bias and max(options.logit_bias) >= self._vocab_size:
+            raise InvalidPrompt(
+                f"logit_bias token ids must lie in [0, {self._vocab_size}) for this model",
+                param="logit_bias",
+            )
 
     def _lora(self, adapter: str) -> Any:
         """vLLM's request for one of the model's adapters; the engine loads it on first use
