@@ -27,6 +27,7 @@ from tests.support.admin import Admin
 from tests.support.postgres_server import PostgresServer, postgres_server
 from tests.support.redis_server import RedisServer
 from tests.support.redis_server import redis_server as start_redis
+from tests.support.waits import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = float(os.environ.get("TOLLGATE_TEST_START_TIMEOUT", "900"))
@@ -189,18 +190,7 @@ def start_gateway(
 
 
 def wait_ready(gw: Gateway) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if gw.process.poll() is not None:
-            pytest.fail(f"gateway exited with {gw.process.returncode}:\n{gw.log()[-5000:]}")
-        try:
-            if httpx.get(gw.base_url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"gateway not ready after {START_TIMEOUT_S} s:\n{gw.log()[-5000:]}")
-        time.sleep(0.5)
+    wait_serving("gateway", gw.base_url, gw.process, gw.log, START_TIMEOUT_S)
 
 
 def stop_gateway(gw: Gateway) -> None:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
+
+import httpx
+import pytest
 
 from gateway.quotas import RedisQuotaStore, ScopeUsage
 from tests.support.admin import Admin
@@ -38,3 +43,26 @@ def events_of(
             return rows
         assert time.monotonic() < deadline, f"{len(rows)} of {expected} events in the ledger"
         time.sleep(0.2)
+
+
+def wait_serving(
+    what: str,
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Callable[[], str],
+    timeout_s: float,
+) -> None:
+    """Until the process at ``url`` answers ``/readyz`` with 200; fails with the end of its
+    log when it exits first or is not ready in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with {process.returncode}:\n{log()[-5000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not ready after {timeout_s} s:\n{log()[-5000:]}")
+        time.sleep(0.5)

@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
+
+from tests.support.waits import wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 420.0
@@ -69,18 +69,7 @@ def start_worker(
 
 
 def wait_worker(worker: WorkerProcess) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if worker.process.poll() is not None:
-            pytest.fail(f"worker exited with {worker.process.returncode}:\n{worker.log()[-5000:]}")
-        try:
-            if httpx.get(worker.url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"worker not ready after {START_TIMEOUT_S} s:\n{worker.log()[-5000:]}")
-        time.sleep(0.5)
+    wait_serving("worker", worker.url, worker.process, worker.log, START_TIMEOUT_S)
 
 
 def stop_worker(worker: WorkerProcess) -> None:
